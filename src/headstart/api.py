@@ -1,0 +1,525 @@
+"""The Python API: ``train`` a classifier by any strategy, ``load`` it back, ``predict`` and ``evaluate``.
+
+The CLI calls these functions and nothing else.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader
+
+from headstart import config as cfg
+from headstart import progress
+from headstart.backbones import Preprocessing, create_backbone
+from headstart.config import TrainConfig
+from headstart.data import (
+    DataError,
+    Dataset,
+    FileDataset,
+    ImageRecord,
+    MemoryDataset,
+    collate_skip,
+    collect_files,
+    decode_all,
+    estimated_bytes,
+    load_dataset,
+    normalize,
+    train_augment,
+)
+from headstart.embeddings import Embeddings, default_cache_root, embed
+from headstart.evaluate import classification_metrics
+from headstart.hardware import decode_workers, pick_device, resolve_precision
+from headstart.heads import fit_knn, fit_logistic, predict_proba
+from headstart.inference import Outputs, run_model
+from headstart.models import Classifier, atomic_write_bytes, load_classifier, save_classifier
+from headstart.strategies import apply_bn_policy, param_groups, resolve_optim, resolve_preprocessing
+from headstart.trainer import LoopSettings, Trainer
+
+# Short keyword names accepted by train() besides dotted config keys.
+ALIASES = {
+    "backbone": "model.backbone",
+    "weights": "model.weights",
+    "input_size": "model.input_size",
+    "epochs": "optim.epochs",
+    "lr": "optim.lr",
+    "head": "optim.head",
+    "augment_views": "optim.augment_views",
+    "bn_policy": "optim.bn_policy",
+    "out": "run.out",
+    "overwrite": "run.overwrite",
+    "seed": "run.seed",
+    "deterministic": "run.deterministic",
+    "precision": "run.precision",
+    "class_weights": "run.class_weights",
+    "early_stopping": "run.early_stopping",
+    "cache_dir": "run.cache_dir",
+    "val_fraction": "data.val_fraction",
+    "split_seed": "data.split_seed",
+    "batch_size": "data.batch_size",
+    "num_workers": "data.num_workers",
+}
+SUMMARY_KEYS = ("n", "accuracy", "balanced_accuracy", "roc_auc", "loss")
+
+
+@dataclass
+class TrainResult:
+    """What ``train`` returns."""
+
+    run_dir: Path
+    metrics: dict[str, Any]  # validation metrics of the saved (best) model, measured through the predict path
+    seconds: float  # wall time of the whole job
+    config: TrainConfig
+    history: list[dict[str, Any]] = field(default_factory=list)
+    test_metrics: dict[str, Any] | None = None
+
+
+def build_config(data: str | Path | None = None, config: TrainConfig | None = None, **overrides: Any) -> TrainConfig:
+    """A config from a base (default: ``TrainConfig()``), the data path, and keyword overrides.
+
+    Keywords are dotted config keys (``"optim.lr"``) or the short names in :data:`ALIASES`; ``strategy`` too.
+    """
+    base = config or TrainConfig()
+    changes: dict[str, Any] = {}
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        dotted = ALIASES.get(key, key.replace("__", "."))
+        head, _, rest = dotted.partition(".")
+        if head != "strategy" and not rest:
+            raise TypeError(f"unknown option {key!r}; use one of {', '.join(sorted(ALIASES))} or a dotted key")
+        changes[dotted] = value
+    if data is not None:
+        changes["data.path"] = str(data)
+    built = cfg.replace(base, **changes)
+    if not built.data.path:
+        raise ValueError("no data given: pass a dataset folder or CSV manifest")
+    return built
+
+
+def _seed_everything(seed: int, deterministic: bool) -> None:
+    set_seed(seed, deterministic=deterministic)
+    random.seed(seed)
+    np.random.seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def _run_dir(config: TrainConfig, is_main: bool) -> Path:
+    if config.run.out:
+        path = Path(config.run.out)
+    else:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        safe = config.model.backbone.replace("/", "_").replace(":", "_")
+        path = Path("runs") / f"{config.strategy}-{safe}-{stamp}"
+    if is_main:
+        if path.exists() and any(path.iterdir()):
+            if not config.run.overwrite:
+                raise FileExistsError(f"run folder {path} already exists; pass --overwrite or choose another --out")
+            shutil.rmtree(path)
+        path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _summary(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {k: metrics[k] for k in SUMMARY_KEYS if k in metrics}
+
+
+def train(data: str | Path | None = None, *, config: TrainConfig | None = None, **overrides: Any) -> TrainResult:
+    """Train a classifier on a folder of labelled images by one of the three strategies.
+
+    Args:
+        data: dataset folder or CSV manifest (or set ``config.data.path``).
+        config: a full configuration; keyword overrides apply on top.
+        **overrides: e.g. ``strategy="extract"``, ``backbone="resnet50"``, ``epochs=3``, ``out="runs/x"``.
+
+    Returns:
+        The run folder, the saved model's validation metrics and the wall time.
+    """
+    tic = time.perf_counter()
+    config = build_config(data, config, **overrides)
+    config = cfg.replace(config, optim=resolve_optim(config.strategy, config.optim))
+    # Only network training needs Accelerate (DDP); extract runs its single pass without it.
+    accelerator = Accelerator() if config.strategy != "extract" else None
+    is_main = accelerator.is_main_process if accelerator else int(os.environ.get("RANK", "0")) == 0
+    device = accelerator.device if accelerator else pick_device()
+    precision = resolve_precision(config.run.precision, device)
+    _seed_everything(config.run.seed, config.run.deterministic)
+    run_dir = _run_dir(config, is_main)
+    dataset = load_dataset(config.data.path, config.data.val_fraction, config.data.split_seed)
+    _report_data(dataset, run_dir, is_main)
+    if config.run.audit and is_main:
+        _quick_audit(dataset)
+    backbone = create_backbone(
+        config.model.backbone, pretrained=config.strategy != "scratch", weights=config.model.weights
+    )
+    backbone.preprocessing = resolve_preprocessing(config.strategy, backbone.preprocessing, config.model.input_size)
+    model = Classifier(backbone, len(dataset.classes), config.model.drop_rate)
+    if is_main:
+        cfg.save_yaml(config, run_dir / "config.yaml")
+    meta: dict[str, Any] = {
+        "classes": dataset.classes,
+        "strategy": config.strategy,
+        "precision": precision,
+        "data_fingerprint": dataset.fingerprint(),
+        "data_path": str(dataset.root),
+        "config": cfg.to_dict(config),
+        "train_counts": dataset.counts(dataset.train),
+        "val_counts": dataset.counts(dataset.val),
+    }
+
+    def on_best(best: torch.nn.Module, metrics: dict[str, Any]) -> None:
+        assert isinstance(best, Classifier)
+        save_classifier(best, run_dir, {**meta, "val_metrics": _summary(metrics)})
+
+    result = TrainResult(run_dir, {}, 0.0, config)
+    baseline = None
+    if config.strategy in ("extract", "finetune"):
+        if not is_main and accelerator is None:
+            return result  # extract under a multi-process launcher: rank 0 does the (seconds-long) work
+        baseline = _fit_head(model, dataset, config, precision, device, is_main)
+    if config.strategy == "extract" and baseline is not None:
+        model.freeze_backbone()
+        on_best(model, baseline)
+        entry = {"epoch": 0, "phase": "head", **_summary(baseline), **baseline.pop("head_info")}
+        (run_dir / "metrics.jsonl").write_text(json.dumps(entry) + "\n")
+        result.history = [entry]
+        # The model's head runs in fp32 on the same features, so these are the saved model's own metrics.
+        result.metrics = baseline
+    if accelerator is not None:
+        result.history = _fit_network(model, dataset, config, precision, accelerator, run_dir, on_best, baseline)
+        accelerator.wait_for_everyone()
+        if is_main:
+            result.metrics = load(run_dir).evaluate(dataset, split="val")
+    if is_main:
+        loaded = load(run_dir)
+        if dataset.test:
+            result.test_metrics = loaded.evaluate(dataset, split="test")
+        info = loaded.info
+        info["val_metrics"] = _summary(result.metrics)
+        info["test_metrics"] = _summary(result.test_metrics) if result.test_metrics else None
+        info["train_seconds"] = round(time.perf_counter() - tic, 2)
+        atomic_write_bytes(run_dir / "model.json", json.dumps(info, indent=2, default=str).encode())
+        (run_dir / "metrics.json").write_text(
+            json.dumps({"val": result.metrics, "test": result.test_metrics}, indent=2)
+        )
+    result.seconds = time.perf_counter() - tic
+    if accelerator is not None:
+        _finish_distributed(accelerator)
+    return result
+
+
+def _finish_distributed(accelerator: Accelerator) -> None:
+    """Destroy the process group at the end of a multi-process run (otherwise the run ends in an abort)."""
+    if accelerator.num_processes > 1 and torch.distributed.is_initialized():
+        accelerator.wait_for_everyone()
+        torch.distributed.destroy_process_group()
+
+
+def _report_data(dataset: Dataset, run_dir: Path, is_main: bool) -> None:
+    if not is_main:
+        return
+    dataset.write_skipped(run_dir / "skipped_files.txt")
+    counts = ", ".join(f"{k} {v}" for k, v in dataset.counts(dataset.train).items())
+    progress.log(
+        f"data: {len(dataset.classes)} classes, {len(dataset.train)} train ({counts}), {len(dataset.val)} val"
+        + (f", {len(dataset.test)} test" if dataset.test else "")
+    )
+    if dataset.skipped:
+        progress.log(f"[yellow]skipped {len(dataset.skipped)} file(s), listed in {run_dir / 'skipped_files.txt'}:")
+        for item in dataset.skipped[:10]:
+            progress.log(f"  {item.path}: {item.reason}")
+
+
+def _quick_audit(dataset: Dataset) -> None:
+    """Warn about exact duplicates shared by train and val (leakage) and files with two labels (conflicts)."""
+    train = {r.digest: r for r in dataset.train}
+    leaks = [r for r in dataset.val + dataset.test if r.digest in train]
+    by_digest: dict[str, set[int]] = {}
+    for r in dataset.train + dataset.val + dataset.test:
+        by_digest.setdefault(r.digest, set()).add(r.label)
+    conflicts = [d for d, labels in by_digest.items() if len(labels) > 1]
+    if leaks:
+        progress.log(f"[yellow]leakage: {len(leaks)} val/test image(s) also in train, e.g. {leaks[0].path}")
+    if conflicts:
+        progress.log(f"[yellow]label conflicts: {len(conflicts)} image(s) appear under two or more classes")
+
+
+def _class_weights(dataset: Dataset, mode: str) -> tuple[float, ...] | None:
+    if mode != "auto":
+        return None
+    counts = np.array(list(dataset.counts(dataset.train).values()), dtype=np.float64)
+    weights = counts.sum() / (len(counts) * np.maximum(counts, 1))
+    return tuple(float(w) for w in weights)
+
+
+def _fit_head(
+    model: Classifier, dataset: Dataset, config: TrainConfig, precision: str, device: torch.device, show: bool
+) -> dict[str, Any]:
+    """Train the new head on cached frozen features; returns its validation metrics (epoch 0)."""
+    optim = config.optim
+    common = {
+        "batch_size": config.data.batch_size,
+        "precision": precision,
+        "device": device,
+        "cache_root": default_cache_root(config.run.cache_dir),
+        "workers": config.data.num_workers,
+        "channels_last": config.run.channels_last,
+    }
+    both = embed(model.backbone, dataset.train + dataset.val, description="features", **common)
+    n_train = len(dataset.train)
+    in_train = both.index < n_train
+    tr = Embeddings(both.features[in_train], both.index[in_train])
+    va = Embeddings(both.features[~in_train], both.index[~in_train] - n_train)
+    labels = np.array([dataset.train[i].label for i in tr.index])
+    features, groups = tr.features, tr.index.copy()
+    for k in range(optim.augment_views or 0):
+        torch.manual_seed(config.run.seed * 1000 + k)
+        view = embed(
+            model.backbone,
+            [dataset.train[i] for i in tr.index],
+            view=f"aug-light-s{config.run.seed}-{k}",
+            augment=train_augment(model.backbone.preprocessing, "light"),
+            description=f"features (view {k + 1})",
+            **common,
+        )
+        features = np.concatenate([features, view.features])
+        labels = np.concatenate([labels, np.array([dataset.train[tr.index[i]].label for i in view.index])])
+        groups = np.concatenate([groups, tr.index[view.index]])
+    class_weight = "balanced" if config.run.class_weights == "auto" else None
+    tic = time.perf_counter()
+    info: dict[str, Any]
+    if optim.head == "knn":
+        model.head = fit_knn(features, labels, len(dataset.classes), k=optim.knn_k or 10)
+        info = {"head": "knn", "k": optim.knn_k}
+    else:
+        model.head, fitted = fit_logistic(
+            features, labels, len(dataset.classes), c=optim.head_c, class_weight=class_weight,
+            seed=config.run.seed, groups=groups,
+        )  # fmt: skip
+        info = {"head": "logistic", **fitted}
+    info["head_seconds"] = round(time.perf_counter() - tic, 3)
+    info["feature_cache_hits"] = both.hits
+    probs = predict_proba(model.head, va.features)
+    val_labels = np.array([dataset.val[i].label for i in va.index])
+    metrics = classification_metrics(val_labels, probs, dataset.classes)
+    metrics["head_info"] = info
+    if show:
+        progress.log(
+            f"head on frozen features: val accuracy {metrics['accuracy']:.4f} "
+            f"({info.get('head')}, C={info.get('C', '-')}, {both.hits} cached, {both.computed} computed)"
+        )
+    return metrics
+
+
+def _fit_network(
+    model: Classifier,
+    dataset: Dataset,
+    config: TrainConfig,
+    precision: str,
+    accelerator: Accelerator,
+    run_dir: Path,
+    on_best: Any,
+    baseline: dict[str, Any] | None,
+) -> list[dict[str, Any]]:
+    """Train the whole network (finetune phase 2, or scratch) with the shared trainer."""
+    optim = config.optim
+    assert optim.epochs is not None and optim.warmup_epochs is not None and optim.label_smoothing is not None
+    apply_bn_policy(model, optim.bn_policy or "train")
+    prep = model.backbone.preprocessing
+    train_loader, val_loader = make_loaders(dataset, prep, config)
+    settings = LoopSettings(
+        epochs=optim.epochs,
+        warmup_epochs=optim.warmup_epochs,
+        label_smoothing=optim.label_smoothing,
+        metric=config.run.metric,
+        early_stopping=config.run.early_stopping,
+        precision=precision,
+        channels_last=config.run.channels_last,
+        checkpoint_every=config.run.checkpoint_every,
+        class_weights=_class_weights(dataset, config.run.class_weights),
+    )
+    if config.run.channels_last:
+        model.to(memory_format=torch.channels_last)
+    trainer = Trainer(
+        model,
+        param_groups(model, config.strategy, optim),
+        train_loader,
+        val_loader,
+        settings,
+        batch_transform=lambda images: normalize(images, prep),
+        evaluate=lambda labels, probs: classification_metrics(labels, probs, dataset.classes),
+        on_best=on_best,
+        run_dir=run_dir,
+        accelerator=accelerator,
+        baseline=baseline,
+    )
+    result = trainer.fit()
+    if accelerator.is_main_process:
+        progress.log(f"best val {config.run.metric} {result.best_metric:.4f} at epoch {result.best_epoch}")
+    return result.history
+
+
+def make_loaders(dataset: Dataset, prep: Preprocessing, config: TrainConfig) -> tuple[DataLoader[Any], DataLoader[Any]]:
+    """Training loader (augmented) and validation loader (centre crops).
+
+    Small sets are decoded once into memory and augmented from there; larger ones decode every epoch in workers.
+    """
+    augment = train_augment(prep, config.optim.augment or "light")
+    budget = config.data.image_cache_mb * 2**20
+    generator = torch.Generator().manual_seed(config.run.seed)
+    in_memory = config.data.cache_images and estimated_bytes(dataset.train + dataset.val, prep) <= budget
+    train_set: torch.utils.data.Dataset[Any]
+    val_set: torch.utils.data.Dataset[Any]
+    if in_memory:
+        train_set = MemoryDataset(decode_all(dataset.train, prep), [r.label for r in dataset.train], augment)
+        val_set = MemoryDataset(decode_all(dataset.val, prep, crop=True), [r.label for r in dataset.val], lambda x: x)
+        workers = 0  # augmenting in-memory tensors costs less than shipping them between processes
+    else:
+        train_set = FileDataset(dataset.train, prep, augment)
+        val_set = FileDataset(dataset.val, prep)
+        workers = decode_workers(config.data.num_workers)
+    batch = min(config.data.batch_size, len(dataset.train))
+    train_loader = DataLoader(
+        train_set,
+        batch_size=batch,
+        shuffle=True,
+        drop_last=len(dataset.train) > batch,  # a last batch of one would break BatchNorm
+        num_workers=workers,
+        generator=generator,
+        collate_fn=collate_skip,
+        persistent_workers=workers > 0,
+    )
+    val_loader = DataLoader(
+        val_set, batch_size=config.data.batch_size, num_workers=workers, collate_fn=collate_skip,
+        persistent_workers=workers > 0,
+    )  # fmt: skip
+    return train_loader, val_loader
+
+
+# -- using a trained model ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Prediction:
+    """One image's prediction."""
+
+    path: Path
+    label: str
+    probability: float
+    top: list[tuple[str, float]]
+
+
+class Model:
+    """A trained classifier loaded from its run folder."""
+
+    def __init__(self, classifier: Classifier, info: dict[str, Any], run_dir: Path):
+        self.classifier = classifier
+        self.info = info
+        self.run_dir = run_dir
+        self.classes: list[str] = list(info["classes"])
+        self.device = pick_device()
+        saved = str(info.get("precision", "fp32"))
+        # Use the precision the model was validated with, where this machine runs it natively.
+        self.precision = saved if resolve_precision("auto", self.device) == "bf16" else "fp32"
+        self.classifier.to(self.device)
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        """The preprocessing stored with the model."""
+        return self.classifier.backbone.preprocessing
+
+    def _run(self, items: list[ImageRecord] | list[Path], batch_size: int) -> Outputs:
+        return run_model(
+            self.classifier, items, self.preprocessing, len(self.classes), batch_size=batch_size,
+            precision=self.precision, device=self.device, description="predicting",
+        )  # fmt: skip
+
+    def predict_proba(self, items: list[ImageRecord] | list[Path], batch_size: int = 32) -> tuple[np.ndarray, Outputs]:
+        """Class probabilities [N_ok, C] for the images that decoded, and the raw outputs (with ``ok``, ``failed``)."""
+        out = self._run(items, batch_size)
+        logits = torch.from_numpy(out.values[out.ok])
+        return torch.softmax(logits, dim=1).numpy(), out
+
+    def predict(
+        self, inputs: list[str | Path] | str | Path, top_k: int = 1, batch_size: int = 32
+    ) -> tuple[list[Prediction], list[tuple[Path, str]]]:
+        """Predict images and folders of images; returns predictions and the files that could not be read."""
+        files = collect_files([inputs] if isinstance(inputs, (str, Path)) else inputs)
+        if not files:
+            raise DataError(f"no files found in {inputs}")
+        probs, out = self.predict_proba(files, batch_size)
+        rows = []
+        k = max(1, min(top_k, len(self.classes)))
+        for row, i in zip(probs, np.flatnonzero(out.ok), strict=True):
+            order = np.argsort(-row)[:k]
+            top = [(self.classes[j], float(row[j])) for j in order]
+            rows.append(Prediction(files[i], top[0][0], top[0][1], top))
+        return rows, out.failed
+
+    def evaluate(self, data: str | Path | Dataset, split: str = "val", batch_size: int = 32) -> dict[str, Any]:
+        """Metrics on a labelled split; class names are matched to the model's by name."""
+        dataset = data if isinstance(data, Dataset) else self._dataset(data)
+        records = {"train": dataset.train, "val": dataset.val, "test": dataset.test}[split]
+        if not records:
+            raise DataError(f"{dataset.root} has no {split} images")
+        mapping = {i: self.classes.index(name) for i, name in enumerate(dataset.classes) if name in self.classes}
+        unknown = sorted(set(dataset.classes) - set(self.classes))
+        if unknown:
+            raise DataError(f"{dataset.root} has classes {unknown} the model was not trained on ({self.classes})")
+        probs, out = self.predict_proba(records, batch_size)
+        labels = np.array([mapping[records[i].label] for i in np.flatnonzero(out.ok)])
+        metrics = classification_metrics(labels, probs, self.classes)
+        metrics["skipped"] = [str(p) for p, _ in out.failed]
+        return metrics
+
+    def _dataset(self, data: str | Path) -> Dataset:
+        config = self.info.get("config", {}).get("data", {})
+        return load_dataset(data, float(config.get("val_fraction", 0.2)), int(config.get("split_seed", 0)))
+
+    def embed(self, inputs: list[Path], batch_size: int = 32) -> np.ndarray:
+        """Backbone features of images (the model's own embedding space)."""
+        result = embed(self.classifier.backbone, inputs, batch_size=batch_size, precision=self.precision)
+        return result.features
+
+
+def load(run: str | Path) -> Model:
+    """Load a trained model from its run folder (no download, no code execution)."""
+    classifier, info = load_classifier(Path(run))
+    return Model(classifier, info, Path(run))
+
+
+def write_predictions(rows: list[Prediction], path: Path) -> None:
+    """Write predictions as CSV (one row per image) or JSON, by the file's suffix."""
+    if path.suffix.lower() == ".json":
+        path.write_text(
+            json.dumps(
+                [{"path": str(r.path), "label": r.label, "probability": r.probability, "top": r.top} for r in rows],
+                indent=2,
+            )
+        )
+        return
+    k = max((len(r.top) for r in rows), default=1)
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        header = ["path", "label", "probability"]
+        for j in range(2, k + 1):
+            header += [f"label_{j}", f"probability_{j}"]
+        writer.writerow(header)
+        for r in rows:
+            line = [str(r.path), r.label, f"{r.probability:.6f}"]
+            for name, p in r.top[1:]:
+                line += [name, f"{p:.6f}"]
+            writer.writerow(line)

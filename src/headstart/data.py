@@ -1,0 +1,508 @@
+"""Image data: find and validate the files, split them, decode them safely, and turn them into tensors.
+
+Three layouts are understood:
+
+* ``DATA/train/<class>/*`` with ``DATA/val/<class>/*`` (and optionally ``DATA/test/<class>/*``);
+* one folder of class sub-folders, split stratified with a seed;
+* a CSV manifest with ``path,label`` columns (paths relative to the CSV) and an optional ``split`` column.
+
+Every file is checked before any training: unreadable, truncated, zero-byte, non-image, placeholder and oversized
+("decompression bomb") files are skipped and listed, never allowed to crash an epoch.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import os
+import re
+import warnings
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision.transforms.v2 as T
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from headstart.backbones import Preprocessing
+
+MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb threshold (about 0.25 GB of RGB)
+PLACEHOLDER_NAMES = re.compile(r"(not.?found|placeholder|unavailable|no.?image|missing.?image|image.?missing)", re.I)
+SPLITS = ("train", "val", "test")
+
+
+class DataError(ValueError):
+    """The data cannot be used as given; the message says which file or folder and what to do."""
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One usable image."""
+
+    path: Path  # absolute path
+    label: int  # index into the class list (-1 when unlabelled)
+    digest: str  # BLAKE2b of the file's bytes: content identity for caches, duplicates and fingerprints
+    width: int
+    height: int
+    mode: str  # Pillow mode before conversion to RGB (L, P, RGBA, CMYK, I;16, ...)
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A file left out, and why."""
+
+    path: Path
+    reason: str
+
+
+@dataclass
+class Dataset:
+    """A validated, split dataset."""
+
+    root: Path
+    classes: list[str]
+    train: list[ImageRecord]
+    val: list[ImageRecord]
+    test: list[ImageRecord] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+    layout: str = "folders"  # "splits", "folders" or "csv"
+
+    def fingerprint(self) -> str:
+        """Hash of every file's content, label and split: two runs on equal data share it."""
+        digest = hashlib.blake2b(digest_size=12)
+        for split, records in (("train", self.train), ("val", self.val), ("test", self.test)):
+            for r in sorted(records, key=lambda r: r.digest):
+                digest.update(f"{split}:{self.classes[r.label] if r.label >= 0 else ''}:{r.digest}\n".encode())
+        return digest.hexdigest()
+
+    def counts(self, records: Sequence[ImageRecord]) -> dict[str, int]:
+        """Images per class in ``records``."""
+        counter = Counter(r.label for r in records)
+        return {name: counter.get(i, 0) for i, name in enumerate(self.classes)}
+
+    def write_skipped(self, path: Path) -> None:
+        """Write the skipped files, one ``path<TAB>reason`` per line (an empty file when none)."""
+        path.write_text("".join(f"{s.path}\t{s.reason}\n" for s in self.skipped))
+
+
+# -- decoding --------------------------------------------------------------------------------------------------------
+
+
+def open_image(source: Path | bytes, draft: int | None = None, name: str | None = None) -> Image.Image:
+    """Decode an image file to RGB safely.
+
+    EXIF orientation is applied; grayscale, palette, RGBA (composited on white), CMYK and 16-bit images become
+    8-bit RGB; images above :data:`MAX_PIXELS` are refused. ``draft`` lets JPEG decode at a reduced scale that still
+    keeps the shorter side at least ``draft`` pixels, which is several times faster for large photos.
+
+    Raises:
+        DataError: naming the file, for anything that is not a readable image.
+    """
+    label = name or (str(source) if isinstance(source, Path) else "<bytes>")
+    try:
+        handle = io.BytesIO(source) if isinstance(source, bytes) else source
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(handle)
+            if image.width * image.height > MAX_PIXELS:
+                raise DataError(
+                    f"{label}: {image.width}x{image.height} pixels exceeds the {MAX_PIXELS:,}-pixel limit "
+                    "(possible decompression bomb); downscale the file if it is genuine"
+                )
+            if draft and image.format == "JPEG":
+                image.draft("RGB", (draft, draft))
+            image.load()
+            if image.getexif().get(0x0112, 1) != 1:  # transpose only when an EXIF orientation asks for it
+                image = ImageOps.exif_transpose(image)
+            return to_rgb(image)
+    except DataError:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+        raise DataError(f"{label}: cannot decode ({error})") from error
+    except (Image.DecompressionBombWarning, Warning) as error:
+        raise DataError(f"{label}: refused ({error})") from error
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB version of any Pillow image; transparency is composited on white."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+        return Image.fromarray(np.clip(array / top * 255.0, 0, 255).astype(np.uint8), "L").convert("RGB")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def is_placeholder(image: Image.Image, path: Path) -> bool:
+    """Heuristic for "image not found" stand-ins: a telling file name, or a near-blank low-colour picture."""
+    if PLACEHOLDER_NAMES.search(path.stem):
+        return True
+    # Nearest-neighbour sampling keeps a flat graphic's few colours (a smoothing resize would invent new ones).
+    colours = image.resize((64, 64), Image.Resampling.NEAREST).getcolors(maxcolors=64)
+    return colours is not None and max(count for count, _ in colours) / (64 * 64) > 0.8
+
+
+def _check(path: Path) -> tuple[ImageRecord | None, str | None]:
+    """Read, hash and fully decode one file (at reduced JPEG scale): a record, or the reason to skip it."""
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        return None, f"unreadable: {error.strerror or error}"
+    if not data:
+        return None, "zero-byte file"
+    try:
+        with Image.open(io.BytesIO(data)) as probe:
+            mode, size = probe.mode, probe.size
+        image = open_image(data, draft=64, name=str(path))
+    except DataError as error:
+        reason = str(error).split(": ", 1)[-1]
+        if "cannot identify" in reason:
+            reason = "not an image"
+        elif "truncated" in reason or "broken" in reason:
+            reason = "truncated image: " + reason
+        return None, reason
+    except Exception as error:  # a codec bug on a hostile file must not stop the scan
+        return None, f"cannot decode ({type(error).__name__}: {error})"
+    if is_placeholder(image, path):
+        return None, "placeholder image (blank or 'not found' stand-in)"
+    digest = hashlib.blake2b(data, digest_size=16).hexdigest()
+    return ImageRecord(path, -1, digest, size[0], size[1], mode), None
+
+
+def scan_files(paths: Sequence[Path], workers: int | None = None) -> tuple[list[ImageRecord], list[Skipped]]:
+    """Validate files in parallel threads (decoding releases the GIL); keeps input order."""
+    with ThreadPoolExecutor(max_workers=workers or min(8, (os.cpu_count() or 1) + 1)) as pool:
+        results = list(pool.map(_check, paths))
+    records: list[ImageRecord] = []
+    skipped: list[Skipped] = []
+    for path, (record, reason) in zip(paths, results, strict=True):
+        if record is not None:
+            records.append(record)
+        else:
+            skipped.append(Skipped(path, reason or "unknown"))
+    return records, skipped
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Every non-hidden file below ``folder``, sorted (non-images are kept so that they get reported)."""
+    return sorted(
+        p
+        for p in folder.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
+
+
+# -- layouts and splits ----------------------------------------------------------------------------------------------
+
+
+def _class_folders(folder: Path) -> dict[str, list[Path]]:
+    classes = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return {c.name: list_images(c) for c in classes}
+
+
+def stratified_split(
+    items: Sequence[ImageRecord], fraction: float, seed: int
+) -> tuple[list[ImageRecord], list[ImageRecord]]:
+    """Hold out ``fraction`` of each class (at least one image when a class has two or more), reproducibly."""
+    rng = np.random.default_rng(seed)
+    by_class: dict[int, list[ImageRecord]] = {}
+    for item in items:
+        by_class.setdefault(item.label, []).append(item)
+    train: list[ImageRecord] = []
+    val: list[ImageRecord] = []
+    for label in sorted(by_class):
+        group = sorted(by_class[label], key=lambda r: str(r.path))
+        order = rng.permutation(len(group))
+        n_val = min(len(group) - 1, max(1, round(len(group) * fraction))) if len(group) > 1 else 0
+        val += [group[i] for i in order[:n_val]]
+        train += [group[i] for i in order[n_val:]]
+    return train, val
+
+
+def _labelled(files: dict[str, list[Path]], classes: list[str]) -> list[tuple[Path, int]]:
+    index = {name: i for i, name in enumerate(classes)}
+    return [(p, index[name]) for name, paths in files.items() for p in paths]
+
+
+def load_dataset(path: str | Path, val_fraction: float = 0.2, split_seed: int = 0) -> Dataset:
+    """Find, validate and split a dataset in any supported layout.
+
+    Raises:
+        DataError: before any work, for missing paths, empty classes, fewer than two classes, or val/test classes
+            that train lacks.
+    """
+    root = Path(path).expanduser().resolve()
+    if not root.exists():
+        raise DataError(f"{root} does not exist; give a folder of class folders, a train/val folder, or a CSV file")
+    if root.is_file():
+        if root.suffix.lower() != ".csv":
+            raise DataError(f"{root} is a file; a dataset is a folder or a .csv manifest with path,label columns")
+        return _load_csv(root, val_fraction, split_seed)
+    if (root / "train").is_dir():
+        layout = "splits"
+        split_files = {s: _class_folders(root / s) for s in SPLITS if (root / s).is_dir()}
+    else:
+        layout = "folders"
+        split_files = {"train": _class_folders(root)}
+    classes = list(split_files["train"])
+    for split, files in split_files.items():
+        extra = sorted(set(files) - set(classes))
+        if extra:
+            raise DataError(
+                f"{root / split} has class folder(s) {extra} that {root / 'train'} lacks; a model can only predict "
+                "classes it was trained on. Add training images for them or remove the folders."
+            )
+    tagged = {s: _labelled(files, classes) for s, files in split_files.items()}
+    return _finish(root, classes, tagged, layout, val_fraction, split_seed)
+
+
+def _load_csv(manifest: Path, val_fraction: float, split_seed: int) -> Dataset:
+    with manifest.open(newline="") as handle:
+        rows = list(csv.reader(handle))
+    if not rows:
+        raise DataError(f"{manifest} is empty; expected a header 'path,label' and one row per image")
+    header = [h.strip().lower() for h in rows[0]]
+    if "path" in header and "label" in header:
+        body = rows[1:]
+        col_path, col_label = header.index("path"), header.index("label")
+        col_split = header.index("split") if "split" in header else None
+    else:
+        body, col_path, col_label, col_split = rows, 0, 1, None
+    entries: dict[str, list[tuple[Path, str]]] = {}
+    for number, row in enumerate(body, start=2 if body is not rows else 1):
+        if not row or not "".join(row).strip():
+            continue
+        if len(row) <= max(col_path, col_label):
+            raise DataError(f"{manifest}, line {number}: expected path,label, got {row!r}")
+        split = row[col_split].strip().lower() if col_split is not None else "train"
+        if split not in SPLITS:
+            raise DataError(f"{manifest}, line {number}: split {split!r} is not one of {', '.join(SPLITS)}")
+        file = Path(row[col_path].strip())
+        entries.setdefault(split, []).append(((manifest.parent / file).resolve(), row[col_label].strip()))
+    if "train" not in entries:
+        raise DataError(f"{manifest} has no training rows")
+    classes = sorted({label for _, label in entries["train"]})
+    for split, items in entries.items():
+        extra = sorted({label for _, label in items} - set(classes))
+        if extra:
+            raise DataError(f"{manifest}: {split} rows use label(s) {extra} that no train row has")
+    index = {name: i for i, name in enumerate(classes)}
+    tagged = {s: [(p, index[label]) for p, label in items] for s, items in entries.items()}
+    return _finish(manifest, classes, tagged, "csv", val_fraction, split_seed)
+
+
+def _finish(
+    root: Path,
+    classes: list[str],
+    tagged: dict[str, list[tuple[Path, int]]],
+    layout: str,
+    val_fraction: float,
+    split_seed: int,
+) -> Dataset:
+    if len(classes) < 2:
+        raise DataError(f"{root}: found {len(classes)} class(es) {classes}; a classifier needs at least two")
+    all_paths = [p for items in tagged.values() for p, _ in items]
+    records, skipped = scan_files(all_paths)
+    by_path = {r.path: r for r in records}
+    splits: dict[str, list[ImageRecord]] = {}
+    for split, items in tagged.items():
+        splits[split] = [_with_label(by_path[p], label) for p, label in items if p in by_path]
+    counts = Counter(r.label for r in splits["train"])
+    empty = [name for i, name in enumerate(classes) if counts.get(i, 0) == 0]
+    if empty:
+        raise DataError(
+            f"{root}: class(es) {empty} have no usable training images"
+            f"{' (see the skipped files listed)' if skipped else ''}; add images or remove the class"
+        )
+    if "val" not in splits:
+        if min(counts.values()) < 2:
+            raise DataError(f"{root}: every class needs at least two images to hold one out for validation")
+        splits["train"], splits["val"] = stratified_split(splits["train"], val_fraction, split_seed)
+    return Dataset(root, classes, splits["train"], splits["val"], splits.get("test", []), skipped, layout)
+
+
+def _with_label(record: ImageRecord, label: int) -> ImageRecord:
+    return ImageRecord(record.path, label, record.digest, record.width, record.height, record.mode)
+
+
+def collect_files(inputs: Iterable[str | Path]) -> list[Path]:
+    """Expand files and folders given on a command line into a sorted list of files."""
+    files: list[Path] = []
+    for item in inputs:
+        path = Path(item).expanduser().resolve()
+        if path.is_dir():
+            files += list_images(path)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise DataError(f"{path} does not exist")
+    return files
+
+
+# -- tensors ---------------------------------------------------------------------------------------------------------
+
+_INTERPOLATION = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+
+
+def resize_short(image: Image.Image, size: int, interpolation: str) -> Image.Image:
+    """Resize so that the shorter side is ``size``, keeping the aspect ratio."""
+    w, h = image.size
+    scale = size / min(w, h)
+    target = (max(size, round(w * scale)), max(size, round(h * scale)))
+    return image.resize(target, _INTERPOLATION.get(interpolation, Image.Resampling.BICUBIC), reducing_gap=3.0)
+
+
+def center_crop(image: Image.Image, size: int) -> Image.Image:
+    """Square centre crop."""
+    w, h = image.size
+    left, top = (w - size) // 2, (h - size) // 2
+    return image.crop((left, top, left + size, top + size))
+
+
+def pil_to_uint8(image: Image.Image) -> torch.Tensor:
+    """HWC RGB Pillow image -> CHW uint8 tensor."""
+    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+
+
+def eval_tensor(source: Path | bytes, prep: Preprocessing) -> torch.Tensor:
+    """Decode and preprocess one image for inference (resize the shorter side, centre crop); uint8 CHW.
+
+    The crop is taken in source coordinates and resampled in one step, which gives the same picture as resizing
+    then cropping while computing only the output pixels (about 40% less work than resizing the whole image).
+    """
+    image = open_image(source, draft=prep.resize_size)
+    w, h = image.size
+    side = min(w, h) * prep.input_size / prep.resize_size
+    left, top = (w - side) / 2, (h - side) / 2
+    box = (left, top, left + side, top + side)
+    size = (prep.input_size, prep.input_size)
+    resample = _INTERPOLATION.get(prep.interpolation, Image.Resampling.BICUBIC)
+    return pil_to_uint8(image.resize(size, resample, box=box, reducing_gap=3.0))
+
+
+def base_tensor(source: Path | bytes, prep: Preprocessing) -> torch.Tensor:
+    """Decode once for training: shorter side resized to ``resize_size``; augmentation crops from this."""
+    image = open_image(source, draft=prep.resize_size)
+    return pil_to_uint8(resize_short(image, prep.resize_size, prep.interpolation))
+
+
+def normalize(batch: torch.Tensor, prep: Preprocessing) -> torch.Tensor:
+    """uint8 NCHW batch -> float, scaled to [0, 1] and normalised with the weights' mean and std."""
+    mean = torch.tensor(prep.mean, device=batch.device).view(1, 3, 1, 1) * 255.0
+    std = torch.tensor(prep.std, device=batch.device).view(1, 3, 1, 1) * 255.0
+    return (batch.float() - mean) / std
+
+
+def train_augment(prep: Preprocessing, level: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Augmentation of a decoded uint8 image for training: ``none``, ``light`` or ``strong``."""
+    interp = T.InterpolationMode.BICUBIC if prep.interpolation == "bicubic" else T.InterpolationMode.BILINEAR
+    size = prep.input_size
+    if level == "none":
+        return T.Compose([T.CenterCrop(size)])
+    if level == "light":
+        return T.Compose(
+            [
+                T.RandomResizedCrop(size, scale=(0.35, 1.0), interpolation=interp, antialias=True),
+                T.RandomHorizontalFlip(),
+            ]
+        )
+    if level == "strong":
+        return T.Compose(
+            [
+                T.RandomResizedCrop(size, scale=(0.2, 1.0), interpolation=interp, antialias=True),
+                T.RandomHorizontalFlip(),
+                T.ColorJitter(0.3, 0.3, 0.3, 0.05),
+            ]
+        )
+    raise ValueError(f"unknown augment level {level!r}; choose none, light or strong")
+
+
+class FileDataset(torch.utils.data.Dataset[tuple[torch.Tensor, int, int]]):
+    """Decodes files on access: (uint8 CHW tensor, label, index). A file that fails is returned as ``None``.
+
+    Without ``augment`` images are resized and centre-cropped for inference; with it, the resized base image goes
+    through ``augment`` (training, or augmented feature views).
+    """
+
+    def __init__(
+        self,
+        records: Sequence[ImageRecord] | Sequence[Path],
+        prep: Preprocessing,
+        augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ):
+        self.records = list(records)
+        self.prep = prep
+        self.augment = augment
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
+        item = self.records[index]
+        path, label = (item.path, item.label) if isinstance(item, ImageRecord) else (item, -1)
+        try:
+            if self.augment is not None:
+                return self.augment(base_tensor(path, self.prep)), label, index
+            return eval_tensor(path, self.prep), label, index
+        except DataError:
+            return None, label, index  # type: ignore[return-value]  # dropped by collate_skip
+
+
+def collate_skip(batch: list[tuple[torch.Tensor | None, int, int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Stack a batch, dropping items that failed to decode (their indices go missing from the third tensor)."""
+    kept = [b for b in batch if b[0] is not None]
+    if not kept:
+        return (
+            torch.empty(0, 3, 1, 1, dtype=torch.uint8),
+            torch.empty(0, dtype=torch.long),
+            torch.empty(0, dtype=torch.long),
+        )
+    images = torch.stack([b[0] for b in kept])  # type: ignore[misc]
+    return images, torch.tensor([b[1] for b in kept]), torch.tensor([b[2] for b in kept])
+
+
+class MemoryDataset(torch.utils.data.Dataset[tuple[torch.Tensor, int, int]]):
+    """Decoded base images kept in memory, augmented on access: decoding happens once per run, not per epoch."""
+
+    def __init__(
+        self, images: list[torch.Tensor], labels: list[int], transform: Callable[[torch.Tensor], torch.Tensor]
+    ):
+        self.images = images
+        self.labels = labels
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
+        return self.transform(self.images[index]), self.labels[index], index
+
+
+def decode_all(
+    records: Sequence[ImageRecord], prep: Preprocessing, crop: bool = False, workers: int | None = None
+) -> list[torch.Tensor]:
+    """Decode a whole split in parallel threads: base images for augmentation, or centre crops (``crop=True``)."""
+    decode = eval_tensor if crop else base_tensor
+    with ThreadPoolExecutor(max_workers=workers or (os.cpu_count() or 1)) as pool:
+        return list(pool.map(lambda r: decode(r.path, prep), records))
+
+
+def estimated_bytes(records: Sequence[ImageRecord], prep: Preprocessing) -> int:
+    """Memory the decoded base images of ``records`` would take."""
+    total = 0
+    for r in records:
+        short = min(r.width, r.height) or 1
+        total += 3 * prep.resize_size * prep.resize_size * max(r.width, r.height) // short
+    return total

@@ -1,0 +1,272 @@
+"""Batched feature extraction with an on-disk cache keyed by image content, weights, preprocessing and precision.
+
+Each image's features are computed once and kept: a second run over the same images recomputes nothing, a change of
+weights, preprocessing or precision moves to another cache folder, and an edited image gets a new content digest.
+Every entry carries a CRC-32; a corrupt one is detected, deleted and recomputed, never used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from headstart.backbones import Backbone
+from headstart.data import ImageRecord
+from headstart.hardware import pick_device, resolve_precision
+from headstart.inference import run_model
+from headstart.models import atomic_write_bytes
+
+_CRC = struct.Struct("<I")
+
+
+def default_cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """``cache_dir``, else ``$HEADSTART_CACHE``, else ``~/.cache/headstart``."""
+    root = cache_dir or os.environ.get("HEADSTART_CACHE") or Path.home() / ".cache" / "headstart"
+    return Path(root).expanduser()
+
+
+class FeatureCache:
+    """One folder of feature vectors for one (backbone weights, preprocessing, precision, view) combination."""
+
+    def __init__(self, root: Path, key: str, dim: int):
+        self.folder = root / "features" / key
+        self.dim = dim
+        self.hits = 0
+        self.misses = 0
+        self.corrupt = 0
+
+    def _path(self, digest: str) -> Path:
+        return self.folder / digest[:2] / f"{digest}.f32"
+
+    def get(self, digest: str) -> np.ndarray | None:
+        """The stored vector, or None when absent or corrupt (a corrupt entry is deleted)."""
+        path = self._path(digest)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            self.misses += 1
+            return None
+        body, tail = data[:-4], data[-4:]
+        if len(body) != 4 * self.dim or _CRC.unpack(tail)[0] != zlib.crc32(body):
+            self.corrupt += 1
+            self.misses += 1
+            path.unlink(missing_ok=True)
+            return None
+        self.hits += 1
+        return np.frombuffer(body, dtype=np.float32)
+
+    def put(self, digest: str, vector: np.ndarray) -> None:
+        """Store a vector atomically."""
+        body = np.ascontiguousarray(vector, dtype=np.float32).tobytes()
+        atomic_write_bytes(self._path(digest), body + _CRC.pack(zlib.crc32(body)))
+
+
+def cache_key(backbone: Backbone, precision: str, view: str = "center") -> str:
+    """Folder name for a backbone's features: weights fingerprint, preprocessing, precision and view."""
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in backbone.name)[:40]
+    return f"{safe}-{backbone.fingerprint()[:16]}-{backbone.preprocessing.key()}-{precision}-{view}"
+
+
+def file_digest(path: Path) -> str:
+    """Content digest of a file, identical to the one the data scan computes."""
+    return hashlib.blake2b(path.read_bytes(), digest_size=16).hexdigest()
+
+
+@dataclass
+class Embeddings:
+    """Features of the images that could be decoded, in input order."""
+
+    features: np.ndarray  # [N_ok, D] float32
+    index: np.ndarray  # positions of those images in the input sequence
+    failed: list[tuple[Path, str]] = field(default_factory=list)  # (file, reason) of images that could not be read
+    hits: int = 0  # served from the cache
+    computed: int = 0  # run through the network
+
+
+def as_records(items: Sequence[ImageRecord] | Sequence[Path]) -> list[ImageRecord]:
+    """Records for a mix of records and bare paths (bare paths get a content digest and label -1)."""
+    out: list[ImageRecord] = []
+    for item in items:
+        if isinstance(item, ImageRecord):
+            out.append(item)
+        else:
+            path = Path(item)
+            try:
+                digest = file_digest(path)
+            except OSError:
+                digest = "unreadable-" + hashlib.blake2b(str(path).encode(), digest_size=8).hexdigest()
+            out.append(ImageRecord(path, -1, digest, 0, 0, ""))
+    return out
+
+
+def embed(
+    backbone: Backbone,
+    items: Sequence[ImageRecord] | Sequence[Path],
+    *,
+    batch_size: int = 32,
+    precision: str = "auto",
+    device: torch.device | None = None,
+    cache_root: Path | None = None,
+    use_cache: bool = True,
+    workers: int = -1,
+    channels_last: bool = True,
+    l2_normalize: bool = False,
+    description: str = "embedding",
+    view: str = "center",
+    augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> Embeddings:
+    """Features of every image, from the cache where possible.
+
+    Args:
+        backbone: the feature network (its preprocessing is used).
+        items: image records (from a data scan) or file paths.
+        batch_size: images per forward pass.
+        precision: ``auto``, ``bf16`` or ``fp32``.
+        device: where to run; default CUDA > MPS > CPU.
+        cache_root: cache folder root; default :func:`default_cache_root`.
+        use_cache: read and fill the cache.
+        workers: decoding processes; -1 picks (see :func:`headstart.hardware.decode_workers`).
+        channels_last: NHWC memory format, faster for convolutions.
+        l2_normalize: return unit-length rows (cosine geometry for retrieval).
+        description: label of the progress bar.
+        view: cache name of the view; anything but ``center`` must come with ``augment``.
+        augment: transform of the decoded base image for augmented views.
+    """
+    device = device or pick_device()
+    precision = resolve_precision(precision, device)
+    records = as_records(items)
+    dim = backbone.num_features
+    features = np.zeros((len(records), dim), dtype=np.float32)
+    ok = np.zeros(len(records), dtype=bool)
+    cache = (
+        FeatureCache(default_cache_root(cache_root), cache_key(backbone, precision, view), dim) if use_cache else None
+    )
+    todo: list[int] = []
+    for i, record in enumerate(records):
+        vector = cache.get(record.digest) if cache is not None else None
+        if vector is None:
+            todo.append(i)
+        else:
+            features[i] = vector
+            ok[i] = True
+    failed: list[tuple[Path, str]] = []
+    if todo:
+        out = run_model(
+            backbone, [records[i] for i in todo], backbone.preprocessing, dim, batch_size=batch_size,
+            precision=precision, device=device, workers=workers, channels_last=channels_last, description=description,
+            augment=augment,
+        )  # fmt: skip
+        failed = out.failed
+        for j in np.flatnonzero(out.ok):
+            features[todo[j]] = out.values[j]
+            ok[todo[j]] = True
+            if cache is not None:
+                cache.put(records[todo[j]].digest, out.values[j])
+    index = np.flatnonzero(ok)
+    out = features[index]
+    if l2_normalize:
+        out = out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+    return Embeddings(out, index, failed, hits=len(records) - len(todo), computed=len(todo) - len(failed))
+
+
+def cache_info(cache_root: Path | None = None) -> list[tuple[str, int, int]]:
+    """(folder, entries, bytes) of every feature-cache folder."""
+    base = default_cache_root(cache_root) / "features"
+    rows = []
+    if base.is_dir():
+        for folder in sorted(p for p in base.iterdir() if p.is_dir()):
+            files = list(folder.rglob("*.f32"))
+            rows.append((folder.name, len(files), sum(f.stat().st_size for f in files)))
+    return rows
+
+
+def cache_clear(cache_root: Path | None = None) -> int:
+    """Delete every cached feature; returns how many entries were removed."""
+    import shutil
+
+    base = default_cache_root(cache_root) / "features"
+    count = sum(n for _, n, _ in cache_info(cache_root))
+    if base.is_dir():
+        shutil.rmtree(base)
+    return count
+
+
+def _dataset_or_files(inputs: Sequence[str | os.PathLike[str]]) -> tuple[list[ImageRecord], list[str], list[str]]:
+    """Records, their split names, and class names: a dataset when one folder/CSV of classes is given, else files."""
+    from headstart.data import DataError, collect_files, load_dataset
+
+    if len(inputs) == 1:
+        path = Path(inputs[0])
+        is_dataset = path.suffix.lower() == ".csv" or (
+            path.is_dir() and any(p.is_dir() for p in path.iterdir()) and not any(p.is_file() for p in path.iterdir())
+        )
+        if is_dataset:
+            try:
+                ds = load_dataset(path)
+            except DataError:
+                ds = None
+            if ds is not None:
+                records = ds.train + ds.val + ds.test
+                splits = ["train"] * len(ds.train) + ["val"] * len(ds.val) + ["test"] * len(ds.test)
+                return records, splits, ds.classes
+    files = collect_files(inputs)
+    return as_records(files), [""] * len(files), []
+
+
+def write_embeddings(
+    inputs: Sequence[str | os.PathLike[str]],
+    out: Path,
+    backbone: str = "efficientnet_lite0",
+    weights: str | None = None,
+    l2_normalize: bool = False,
+    batch_size: int = 32,
+    precision: str = "auto",
+    use_cache: bool = True,
+    cache_dir: str | None = None,
+) -> Embeddings:
+    """Embed a dataset or image files and write ``embeddings.npy``, ``ids.csv`` and ``meta.json`` into ``out``.
+
+    ``ids.csv`` has one row per embedding row: ``path,label,split,digest`` (label empty when unknown).
+    """
+    import csv
+    import json
+
+    from headstart.backbones import create_backbone
+
+    records, splits, classes = _dataset_or_files(inputs)
+    model = create_backbone(backbone, pretrained=True, weights=weights)
+    device = pick_device()
+    resolved = resolve_precision(precision, device)
+    result = embed(
+        model, records, batch_size=batch_size, precision=resolved, device=device, use_cache=use_cache,
+        cache_root=Path(cache_dir) if cache_dir else None, l2_normalize=l2_normalize,
+    )  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    np.save(out / "embeddings.npy", result.features)
+    with (out / "ids.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "label", "split", "digest"])
+        for i in result.index:
+            r = records[i]
+            writer.writerow([str(r.path), classes[r.label] if r.label >= 0 and classes else "", splits[i], r.digest])
+    meta = {
+        "backbone": model.name,
+        "weights_source": model.weights_source,
+        "fingerprint": model.fingerprint(),
+        "preprocessing": model.preprocessing.to_dict(),
+        "precision": resolved,
+        "l2_normalized": l2_normalize,
+        "shape": list(result.features.shape),
+        "classes": classes,
+        "failed": [[str(p), why] for p, why in result.failed],
+    }
+    (out / "meta.json").write_text(json.dumps(meta, indent=2))
+    return result

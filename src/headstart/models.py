@@ -1,0 +1,199 @@
+"""Classifier = backbone + new head, and its self-describing file format (safetensors + JSON).
+
+A saved model is two files: ``model.safetensors`` (every tensor) and ``model.json`` (classes, backbone name,
+preprocessing, strategy, metrics, versions, data fingerprint). Loading reads no pickle and runs no code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from headstart.backbones import Backbone, Preprocessing, create_backbone
+
+FORMAT_VERSION = 1
+
+
+class KNNHead(nn.Module):
+    """k-nearest-neighbour vote over stored, L2-normalised training features (cosine similarity).
+
+    Its output is the log of the similarity-weighted vote share per class, so it plugs in where a linear head's
+    logits go (softmax of it gives the vote shares).
+    """
+
+    def __init__(self, bank: torch.Tensor, labels: torch.Tensor, num_classes: int, k: int = 10):
+        super().__init__()
+        self.register_buffer("bank", F.normalize(bank.float(), dim=1))
+        self.register_buffer("labels", labels.long())
+        self.num_classes = num_classes
+        self.k = k
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """Log vote shares [B, C]."""
+        sims = F.normalize(features.float(), dim=1) @ self.bank.T  # type: ignore[operator]
+        k = min(self.k, sims.shape[1])
+        top, idx = sims.topk(k, dim=1)
+        weights = (top / 0.07).exp()  # temperature-weighted votes, as in instance-discrimination kNN evaluation
+        votes = torch.zeros(features.shape[0], self.num_classes, device=features.device)
+        votes.scatter_add_(1, self.labels[idx], weights)  # type: ignore[index]
+        return (votes / votes.sum(1, keepdim=True)).clamp_min(1e-8).log()
+
+
+class Classifier(nn.Module):
+    """A backbone with a new head. ``embed(x)`` gives the backbone's features, ``forward(x)`` the class logits.
+
+    When ``frozen_backbone`` is set the backbone stays in eval mode even under ``.train()``, so BatchNorm running
+    statistics never move (the feature-extraction contract), and its parameters have ``requires_grad=False``.
+    ``frozen_bn`` does the same for the backbone's BatchNorm layers alone.
+    """
+
+    def __init__(self, backbone: Backbone, num_classes: int, drop_rate: float = 0.0, head: nn.Module | None = None):
+        super().__init__()
+        self.backbone = backbone
+        self.dropout = nn.Dropout(drop_rate)
+        self.head = head if head is not None else nn.Linear(backbone.num_features, num_classes)
+        self.num_classes = num_classes
+        self.frozen_backbone = False
+        self.frozen_bn = False  # BatchNorm layers of the backbone stay in eval mode (see strategies.apply_bn_policy)
+
+    def freeze_backbone(self) -> None:
+        """Freeze every backbone parameter and BatchNorm statistic."""
+        self.frozen_backbone = True
+        self.backbone.requires_grad_(False)
+        self.backbone.eval()
+
+    def train(self, mode: bool = True) -> Classifier:
+        """Switch modes, keeping a frozen backbone in eval mode."""
+        super().train(mode)
+        if self.frozen_backbone:
+            self.backbone.eval()
+        elif self.frozen_bn:
+            for module in self.backbone.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
+        return self
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Backbone features [B, D] of a normalised batch."""
+        return self.backbone(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Class logits [B, C]. The head runs in fp32 even under autocast: it is tiny, and this way it gives the
+        same answer as a head trained and evaluated on cached fp32 features."""
+        features = self.dropout(self.backbone(x))
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return self.head(features.float())
+
+
+def head_kind(model: Classifier) -> dict[str, Any]:
+    """Description of the head for ``model.json``."""
+    if isinstance(model.head, KNNHead):
+        return {"type": "knn", "k": model.head.k, "bank_size": int(model.head.bank.shape[0])}  # type: ignore[index]
+    return {"type": "linear"}
+
+
+def versions() -> dict[str, str]:
+    """Library versions recorded with every model."""
+    import timm
+    import torchvision
+
+    from headstart import __version__
+
+    return {
+        "headstart": __version__,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "timm": timm.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write a file so that a crash leaves either the old file or the new one, never a torn one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """Atomically write tensors as safetensors."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_classifier(model: Classifier, folder: Path, meta: dict[str, Any]) -> None:
+    """Write ``model.safetensors`` and ``model.json`` into ``folder``.
+
+    Args:
+        model: the classifier (unwrapped from any DDP wrapper).
+        folder: run folder.
+        meta: at least ``classes``; strategy, metrics, data fingerprint and config are recommended.
+    """
+    info = {
+        "format": FORMAT_VERSION,
+        "kind": "classifier",
+        "backbone": model.backbone.name,
+        "weights_source": model.backbone.weights_source,
+        "num_features": model.backbone.num_features,
+        "num_classes": model.num_classes,
+        "drop_rate": float(model.dropout.p),
+        "head": head_kind(model),
+        "preprocessing": model.backbone.preprocessing.to_dict(),
+        "versions": versions(),
+        **meta,
+    }
+    save_tensors(model.state_dict(), folder / "model.safetensors", metadata={"format": "headstart"})
+    atomic_write_bytes(folder / "model.json", json.dumps(info, indent=2, default=str).encode())
+
+
+def read_model_info(folder: Path) -> dict[str, Any]:
+    """The ``model.json`` of a run folder, with a clear error when it is missing."""
+    path = Path(folder) / "model.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found; is {folder} a headstart run folder (made by `headstart train`)?")
+    info: dict[str, Any] = json.loads(path.read_text())
+    return info
+
+
+def load_classifier(folder: Path) -> tuple[Classifier, dict[str, Any]]:
+    """Rebuild a saved classifier from its run folder, without downloading anything."""
+    folder = Path(folder)
+    info = read_model_info(folder)
+    if info.get("kind") != "classifier":
+        raise ValueError(f"{folder} holds a {info.get('kind')!r} model, not a classifier")
+    state = load_file(str(folder / "model.safetensors"))
+    backbone = create_backbone(info["backbone"], pretrained=False)
+    backbone.preprocessing = Preprocessing.from_dict(info["preprocessing"])
+    head: nn.Module | None = None
+    if info["head"]["type"] == "knn":
+        head = KNNHead(state["head.bank"], state["head.labels"], info["num_classes"], k=int(info["head"]["k"]))
+    model = Classifier(backbone, info["num_classes"], info.get("drop_rate", 0.0), head=head)
+    model.load_state_dict(state, strict=True)
+    model.eval()
+    return model, info

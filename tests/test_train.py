@@ -1,0 +1,116 @@
+"""End-to-end training on synthetic stripes with tiny networks: run folder, reload, predict, evaluate."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from headstart import api
+from headstart.cli import main
+
+FAST = {"backbone": "tiny_cnn", "batch_size": 8, "num_workers": 0}
+
+
+def test_extract_run_folder_and_reload(image_folder: Path, tiny_weights: Path, cache_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    result = api.train(image_folder, strategy="extract", weights=str(tiny_weights), out=str(out),
+                       cache_dir=str(cache_dir), **FAST)  # fmt: skip
+    for name in (
+        "config.yaml",
+        "model.safetensors",
+        "model.json",
+        "metrics.jsonl",
+        "skipped_files.txt",
+        "metrics.json",
+    ):
+        assert (out / name).is_file(), name
+    info = json.loads((out / "model.json").read_text())
+    assert info["classes"] == ["horizontal", "vertical"]
+    assert info["strategy"] == "extract"
+    assert info["preprocessing"]["input_size"] == 64  # tiny_cnn's 64 px x 1.15, rounded to a multiple of 32
+    assert set(info["versions"]) >= {"torch", "timm", "headstart"}
+    assert info["data_fingerprint"]
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["strategy"] == "extract" and config["model"]["weights"] == str(tiny_weights)
+    # stripes are linearly separable from random conv features
+    assert result.metrics["accuracy"] >= 0.8
+    model = api.load(out)
+    assert model.evaluate(image_folder)["accuracy"] == pytest.approx(result.metrics["accuracy"])
+
+
+def test_refuses_to_overwrite(image_folder: Path, tiny_weights: Path, cache_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    kwargs = {"strategy": "extract", "weights": str(tiny_weights), "out": str(out), "cache_dir": str(cache_dir)}
+    api.train(image_folder, **kwargs, **FAST)
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        api.train(image_folder, **kwargs, **FAST)
+    api.train(image_folder, overwrite=True, **kwargs, **FAST)
+
+
+@pytest.mark.parametrize("strategy", ["finetune", "scratch"])
+def test_network_strategies(strategy: str, image_folder: Path, tiny_weights: Path, cache_dir: Path,
+                            tmp_path: Path) -> None:  # fmt: skip
+    out = tmp_path / strategy
+    weights = str(tiny_weights) if strategy == "finetune" else None
+    result = api.train(image_folder, strategy=strategy, weights=weights, epochs=3, out=str(out),
+                       cache_dir=str(cache_dir), **FAST)  # fmt: skip
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == ([0, 1, 2, 3] if strategy == "finetune" else [1, 2, 3])
+    assert all(np.isfinite(r["train_loss"]) for r in rows if r["phase"] == "train")
+    assert (out / "checkpoints" / "last.pt").is_file()
+    recorded = json.loads((out / "model.json").read_text())["val_metrics"]["accuracy"]
+    assert recorded == pytest.approx(result.metrics["accuracy"])
+    assert api.load(out).evaluate(image_folder)["accuracy"] == pytest.approx(recorded)
+
+
+def test_reload_in_fresh_process_gives_identical_predictions(
+    image_folder: Path, tiny_weights: Path, cache_dir: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    api.train(image_folder, strategy="finetune", weights=str(tiny_weights), epochs=1, out=str(out),
+              cache_dir=str(cache_dir), **FAST)  # fmt: skip
+    here = tmp_path / "here.csv"
+    rows, _ = api.load(out).predict([image_folder / "val"], top_k=2)
+    api.write_predictions(rows, here)
+    there = tmp_path / "there.csv"
+    code = "import sys; from headstart.cli import main; sys.exit(main(sys.argv[1:]))"
+    subprocess.run([sys.executable, "-c", code, "predict", str(out), str(image_folder / "val"), "--top-k", "2",
+                    "--output", str(there)], check=True)  # fmt: skip
+    assert here.read_text() == there.read_text()
+
+
+def test_cli_train_predict_evaluate(image_folder: Path, tiny_weights: Path, cache_dir: Path, tmp_path: Path,
+                                    capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    out = tmp_path / "run"
+    assert main(["train", str(image_folder), "--strategy", "extract", "--backbone", "tiny_cnn", "--weights",
+                 str(tiny_weights), "--out", str(out), "--cache-dir", str(cache_dir)]) == 0  # fmt: skip
+    assert "val accuracy" in capsys.readouterr().out
+    preds = tmp_path / "preds.json"
+    assert main(["predict", str(out), str(image_folder / "val"), "--top-k", "2", "--output", str(preds)]) == 0
+    rows = json.loads(preds.read_text())
+    assert len(rows) == 10 and all(len(r["top"]) == 2 for r in rows)
+    assert main(["evaluate", str(out), str(image_folder)]) == 0
+    text = capsys.readouterr().out
+    assert "confusion matrix" in text and "ROC-AUC" in text
+
+
+def test_cli_reports_user_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["train", str(tmp_path / "missing"), "--backbone", "tiny_cnn"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["train", str(tmp_path), "--backbone", "no_such_net"]) == 2
+
+
+def test_class_weights_and_csv_manifest(folder_factory, tiny_weights: Path, cache_dir: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    root = folder_factory("csvdata", {"all": 8})
+    manifest = root / "manifest.csv"
+    lines = ["path,label"] + [f"{p.relative_to(root)},{p.parent.name}" for p in sorted(root.rglob("*.jpg"))]
+    manifest.write_text("\n".join(lines) + "\n")
+    result = api.train(manifest, strategy="scratch", epochs=1, class_weights="auto", out=str(tmp_path / "r"),
+                       cache_dir=str(cache_dir), **FAST)  # fmt: skip
+    assert result.metrics["n"] == 4  # 20% of 8 per class, stratified
