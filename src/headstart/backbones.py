@@ -16,6 +16,7 @@ URLs). With no weights reachable the error names the options; a random initialis
 from __future__ import annotations
 
 import hashlib
+import importlib
 import math
 import os
 from collections.abc import Callable
@@ -121,6 +122,8 @@ class Backbone(nn.Module):
 # -- prefixes registered by other modules (e.g. ``ae:`` for autoencoders) -----------------------------------------
 
 _PREFIXES: dict[str, Callable[[str], Backbone]] = {}
+# Prefixes whose module registers itself on import, so ``create_backbone("ae:runs/x")`` works without a prior import.
+_LAZY_PREFIXES = {"ae:": "headstart.autoencoder", "run:": "headstart.models"}
 
 
 def register_prefix(prefix: str, factory: Callable[[str], Backbone]) -> None:
@@ -207,6 +210,9 @@ def create_backbone(name: str = DEFAULT_BACKBONE, pretrained: bool = True, weigh
         pretrained: load ImageNet (or file) weights; False gives the architecture with random weights.
         weights: explicit weight file, tried before bundled packages and the hub.
     """
+    for prefix, module in _LAZY_PREFIXES.items():
+        if name.startswith(prefix) and prefix not in _PREFIXES:
+            importlib.import_module(module)
     for prefix, factory in _PREFIXES.items():
         if name.startswith(prefix):
             return factory(name[len(prefix) :])

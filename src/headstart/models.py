@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from headstart.backbones import Backbone, Preprocessing, create_backbone
+from headstart.backbones import Backbone, Preprocessing, create_backbone, register_prefix
 
 FORMAT_VERSION = 1
 
@@ -197,3 +197,11 @@ def load_classifier(folder: Path) -> tuple[Classifier, dict[str, Any]]:
     model.load_state_dict(state, strict=True)
     model.eval()
     return model, info
+
+
+def _run_backbone(folder: str) -> Backbone:
+    """``run:PATH``: the (fine-tuned) backbone of a trained headstart classifier, for embedding and retrieval."""
+    return load_classifier(Path(folder))[0].backbone
+
+
+register_prefix("run:", _run_backbone)
