@@ -46,7 +46,7 @@ from headstart.heads import fit_knn, fit_logistic, predict_proba
 from headstart.inference import Outputs, run_model
 from headstart.models import Classifier, atomic_write_bytes, load_classifier, save_classifier
 from headstart.strategies import apply_bn_policy, param_groups, resolve_optim, resolve_preprocessing
-from headstart.trainer import LoopSettings, Trainer
+from headstart.trainer import EpochSampler, LoopSettings, Trainer, make_accelerator
 
 # Short keyword names accepted by train() besides dotted config keys.
 ALIASES = {
@@ -84,6 +84,7 @@ class TrainResult:
     config: TrainConfig
     history: list[dict[str, Any]] = field(default_factory=list)
     test_metrics: dict[str, Any] | None = None
+    model: Classifier | None = None  # the final (last-epoch) model in memory; the run folder holds the best one
 
 
 def build_config(data: str | Path | None = None, config: TrainConfig | None = None, **overrides: Any) -> TrainConfig:
@@ -137,12 +138,26 @@ def _summary(metrics: dict[str, Any]) -> dict[str, Any]:
     return {k: metrics[k] for k in SUMMARY_KEYS if k in metrics}
 
 
-def train(data: str | Path | None = None, *, config: TrainConfig | None = None, **overrides: Any) -> TrainResult:
+def resume(run: str | Path) -> TrainResult:
+    """Continue a killed or interrupted run from ``RUN/checkpoints/last.pt`` with the run's own ``config.yaml``."""
+    run = Path(run)
+    if not (run / "config.yaml").is_file():
+        raise FileNotFoundError(f"{run / 'config.yaml'} not found; is {run} a headstart run folder?")
+    config = cfg.load_yaml(TrainConfig, run / "config.yaml")
+    if config.strategy == "extract":
+        raise ValueError(f"{run} is an extract run: it has no checkpoints to resume; it takes seconds to run again")
+    return train(config=cfg.replace(config, **{"run.out": str(run)}), _resume=True)
+
+
+def train(
+    data: str | Path | None = None, *, config: TrainConfig | None = None, _resume: bool = False, **overrides: Any
+) -> TrainResult:
     """Train a classifier on a folder of labelled images by one of the three strategies.
 
     Args:
         data: dataset folder or CSV manifest (or set ``config.data.path``).
         config: a full configuration; keyword overrides apply on top.
+        _resume: continue from the run folder's last checkpoint (use :func:`resume`).
         **overrides: e.g. ``strategy="extract"``, ``backbone="resnet50"``, ``epochs=3``, ``out="runs/x"``.
 
     Returns:
@@ -151,13 +166,14 @@ def train(data: str | Path | None = None, *, config: TrainConfig | None = None, 
     tic = time.perf_counter()
     config = build_config(data, config, **overrides)
     config = cfg.replace(config, optim=resolve_optim(config.strategy, config.optim))
-    # Only network training needs Accelerate (DDP); extract runs its single pass without it.
-    accelerator = Accelerator() if config.strategy != "extract" else None
+    # Only network training needs Accelerate (DDP); extract runs its single pass without it. With split_batches,
+    # data.batch_size is the global batch whatever the number of processes, so the learning rate needs no rescaling.
+    accelerator = make_accelerator() if config.strategy != "extract" else None
     is_main = accelerator.is_main_process if accelerator else int(os.environ.get("RANK", "0")) == 0
     device = accelerator.device if accelerator else pick_device()
     precision = resolve_precision(config.run.precision, device)
     _seed_everything(config.run.seed, config.run.deterministic)
-    run_dir = _run_dir(config, is_main)
+    run_dir = Path(str(config.run.out)) if _resume else _run_dir(config, is_main)
     dataset = load_dataset(config.data.path, config.data.val_fraction, config.data.split_seed)
     _report_data(dataset, run_dir, is_main)
     if config.run.audit and is_main:
@@ -167,7 +183,7 @@ def train(data: str | Path | None = None, *, config: TrainConfig | None = None, 
     )
     backbone.preprocessing = resolve_preprocessing(config.strategy, backbone.preprocessing, config.model.input_size)
     model = Classifier(backbone, len(dataset.classes), config.model.drop_rate)
-    if is_main:
+    if is_main and not _resume:
         cfg.save_yaml(config, run_dir / "config.yaml")
     meta: dict[str, Any] = {
         "classes": dataset.classes,
@@ -184,9 +200,9 @@ def train(data: str | Path | None = None, *, config: TrainConfig | None = None, 
         assert isinstance(best, Classifier)
         save_classifier(best, run_dir, {**meta, "val_metrics": _summary(metrics)})
 
-    result = TrainResult(run_dir, {}, 0.0, config)
+    result = TrainResult(run_dir, {}, 0.0, config, model=model)
     baseline = None
-    if config.strategy in ("extract", "finetune"):
+    if config.strategy in ("extract", "finetune") and not _resume:  # a resumed run's head is in its checkpoint
         if not is_main and accelerator is None:
             return result  # extract under a multi-process launcher: rank 0 does the (seconds-long) work
         baseline = _fit_head(model, dataset, config, precision, device, is_main)
@@ -199,7 +215,9 @@ def train(data: str | Path | None = None, *, config: TrainConfig | None = None, 
         # The model's head runs in fp32 on the same features, so these are the saved model's own metrics.
         result.metrics = baseline
     if accelerator is not None:
-        result.history = _fit_network(model, dataset, config, precision, accelerator, run_dir, on_best, baseline)
+        result.history = _fit_network(
+            model, dataset, config, precision, accelerator, run_dir, on_best, baseline, resume=_resume
+        )
         accelerator.wait_for_everyone()
         if is_main:
             result.metrics = load(run_dir).evaluate(dataset, split="val")
@@ -270,7 +288,7 @@ def _fit_head(
 ) -> dict[str, Any]:
     """Train the new head on cached frozen features; returns its validation metrics (epoch 0)."""
     optim = config.optim
-    common = {
+    common: dict[str, Any] = {
         "batch_size": config.data.batch_size,
         "precision": precision,
         "device": device,
@@ -333,11 +351,20 @@ def _fit_network(
     run_dir: Path,
     on_best: Any,
     baseline: dict[str, Any] | None,
+    resume: bool = False,
 ) -> list[dict[str, Any]]:
-    """Train the whole network (finetune phase 2, or scratch) with the shared trainer."""
+    """Train the whole network (finetune phase 2, or scratch) with the shared trainer.
+
+    Every parameter trains from the first step of this phase (the finetune head phase ran before, on cached
+    features), so no ``requires_grad`` flips mid-run: safe under DDP and across resumes.
+    """
     optim = config.optim
     assert optim.epochs is not None and optim.warmup_epochs is not None and optim.label_smoothing is not None
     apply_bn_policy(model, optim.bn_policy or "train")
+    if accelerator.num_processes > 1 and not model.frozen_bn and accelerator.device.type == "cuda":
+        # Per-process batches are small; synchronised statistics behave like the single-process global batch.
+        # (SyncBatchNorm runs on GPUs only; on CPU processes each keep their own batch statistics.)
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     prep = model.backbone.preprocessing
     train_loader, val_loader = make_loaders(dataset, prep, config)
     settings = LoopSettings(
@@ -366,7 +393,7 @@ def _fit_network(
         accelerator=accelerator,
         baseline=baseline,
     )
-    result = trainer.fit()
+    result = trainer.fit(resume=resume)
     if accelerator.is_main_process:
         progress.log(f"best val {config.run.metric} {result.best_metric:.4f} at epoch {result.best_epoch}")
     return result.history
@@ -379,32 +406,34 @@ def make_loaders(dataset: Dataset, prep: Preprocessing, config: TrainConfig) -> 
     """
     augment = train_augment(prep, config.optim.augment or "light")
     budget = config.data.image_cache_mb * 2**20
-    generator = torch.Generator().manual_seed(config.run.seed)
     in_memory = config.data.cache_images and estimated_bytes(dataset.train + dataset.val, prep) <= budget
     train_set: torch.utils.data.Dataset[Any]
     val_set: torch.utils.data.Dataset[Any]
     if in_memory:
-        train_set = MemoryDataset(decode_all(dataset.train, prep), [r.label for r in dataset.train], augment)
-        val_set = MemoryDataset(decode_all(dataset.val, prep, crop=True), [r.label for r in dataset.val], lambda x: x)
+        labels = [r.label for r in dataset.train]
+        train_set = MemoryDataset(decode_all(dataset.train, prep), labels, augment, seed=config.run.seed)
+        val_set = MemoryDataset(decode_all(dataset.val, prep, crop=True), [r.label for r in dataset.val], None)
         workers = 0  # augmenting in-memory tensors costs less than shipping them between processes
     else:
-        train_set = FileDataset(dataset.train, prep, augment)
+        train_set = FileDataset(dataset.train, prep, augment, seed=config.run.seed)
         val_set = FileDataset(dataset.val, prep)
         workers = decode_workers(config.data.num_workers)
     batch = min(config.data.batch_size, len(dataset.train))
     train_loader = DataLoader(
         train_set,
         batch_size=batch,
-        shuffle=True,
+        sampler=EpochSampler(len(train_set), config.run.seed),  # order depends on (seed, epoch) only: resumable
         drop_last=len(dataset.train) > batch,  # a last batch of one would break BatchNorm
         num_workers=workers,
-        generator=generator,
+        # Iterators draw worker seeds from this generator instead of the global RNG, which dropout uses: a resumed
+        # run creates an extra iterator, and must not shift the dropout stream by doing so.
+        generator=torch.Generator().manual_seed(config.run.seed),
         collate_fn=collate_skip,
         persistent_workers=workers > 0,
     )
     val_loader = DataLoader(
         val_set, batch_size=config.data.batch_size, num_workers=workers, collate_fn=collate_skip,
-        persistent_workers=workers > 0,
+        persistent_workers=workers > 0, generator=torch.Generator().manual_seed(config.run.seed),
     )  # fmt: skip
     return train_loader, val_loader
 

@@ -169,7 +169,7 @@ def _timm_preprocessing(net: nn.Module) -> Preprocessing:
 
 def _torchvision_preprocessing(arch: str) -> Preprocessing:
     weights_enum = torchvision.models.get_model_weights(arch)
-    transform = weights_enum.DEFAULT.transforms()  # type: ignore[attr-defined]
+    transform = weights_enum.DEFAULT.transforms()
     return Preprocessing(
         input_size=int(transform.crop_size[0]),
         resize_size=int(transform.resize_size[0]),
@@ -252,7 +252,7 @@ def build_network(
             f"unknown backbone {name!r}. Common choices: {', '.join(POPULAR)}; any timm model name "
             f"(`headstart backbones --all`) or torchvision/<name> also works."
         )
-    net = timm.create_model(arch, pretrained=False)  # keep its classifier so full ImageNet files load strictly
+    net: Any = timm.create_model(arch, pretrained=False)  # keep its classifier so ImageNet files load strictly
     head_prefix = str(net.pretrained_cfg.get("classifier", "classifier"))
     source = "random"
     if weights is not None:
@@ -312,7 +312,7 @@ def offline_weights(name: str) -> bool:
     try:
         if name.startswith(TORCHVISION_PREFIX):
             arch = name[len(TORCHVISION_PREFIX) :]
-            url = torchvision.models.get_model_weights(arch).DEFAULT.url  # type: ignore[attr-defined]
+            url = torchvision.models.get_model_weights(arch).DEFAULT.url
             return (Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)).is_file()
         if not timm.is_model(name):
             return False
@@ -326,7 +326,8 @@ def offline_weights(name: str) -> bool:
                 if isinstance(try_to_load_from_cache(cfg.hf_hub_id, filename), str):
                     return True
         if cfg.url:
-            return (Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(cfg.url)).is_file()
+            url = cfg.url if isinstance(cfg.url, str) else cfg.url[0]
+            return (Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)).is_file()
     except Exception:  # listing must never fail because one model's metadata is odd
         return False
     return False

@@ -28,7 +28,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a classifier on a folder of labelled images")
-    p.add_argument("data", help="dataset folder (train/ and val/, or class folders) or CSV manifest (path,label)")
+    p.add_argument(
+        "data", nargs="?", help="dataset folder (train/ and val/, or class folders) or CSV manifest (path,label)"
+    )
+    p.add_argument("--resume", metavar="RUN", help="continue an interrupted run from its last checkpoint")
+    p.add_argument("--checkpoint-every", type=int, help="also checkpoint every N steps (default: each epoch)")
     p.add_argument("--strategy", choices=["extract", "finetune", "scratch"], help="default: finetune")
     p.add_argument("--backbone", help="registry name (see `headstart backbones`); default efficientnet_lite0")
     p.add_argument("--weights", help="weights file (.safetensors or .pth) for the backbone")
@@ -87,6 +91,11 @@ def get_args_parser() -> argparse.ArgumentParser:
 def _train(args: argparse.Namespace) -> int:
     from headstart import api, config
 
+    if args.resume:
+        result = api.resume(args.resume)
+        return _print_result(result)
+    if not args.data:
+        raise ValueError("give a dataset folder or CSV manifest (or --resume RUN)")
     base = config.load_yaml(config.TrainConfig, Path(args.config)) if args.config else None
     result = api.train(
         args.data,
@@ -110,7 +119,12 @@ def _train(args: argparse.Namespace) -> int:
         cache_dir=args.cache_dir,
         out=args.out,
         overwrite=args.overwrite,
+        **{"run.checkpoint_every": args.checkpoint_every},
     )
+    return _print_result(result)
+
+
+def _print_result(result: Any) -> int:
     if not result.metrics:
         return 0  # a non-main process of a multi-process launch
     from headstart.evaluate import format_metrics

@@ -108,7 +108,7 @@ def open_image(source: Path | bytes, draft: int | None = None, name: str | None 
         handle = io.BytesIO(source) if isinstance(source, bytes) else source
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(handle)
+            image: Image.Image = Image.open(handle)
             if image.width * image.height > MAX_PIXELS:
                 raise DataError(
                     f"{label}: {image.width}x{image.height} pixels exceeds the {MAX_PIXELS:,}-pixel limit "
@@ -163,9 +163,12 @@ def _check(path: Path) -> tuple[ImageRecord | None, str | None]:
     if not data:
         return None, "zero-byte file"
     try:
+        image = open_image(data, draft=64, name=str(path))
+        # Probed only after open_image accepted the file, so a non-image or a bomb gets its reason, not Pillow's error.
         with Image.open(io.BytesIO(data)) as probe:
             mode, size = probe.mode, probe.size
-        image = open_image(data, draft=64, name=str(path))
+            if probe.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # a quarter-turn EXIF orientation: size as displayed
+                size = (size[1], size[0])
     except DataError as error:
         reason = str(error).split(": ", 1)[-1]
         if "cannot identify" in reason:
@@ -337,7 +340,7 @@ def _with_label(record: ImageRecord, label: int) -> ImageRecord:
     return ImageRecord(record.path, label, record.digest, record.width, record.height, record.mode)
 
 
-def collect_files(inputs: Iterable[str | Path]) -> list[Path]:
+def collect_files(inputs: Iterable[str | os.PathLike[str]]) -> list[Path]:
     """Expand files and folders given on a command line into a sorted list of files."""
     files: list[Path] = []
     for item in inputs:
@@ -429,11 +432,23 @@ def train_augment(prep: Preprocessing, level: str) -> Callable[[torch.Tensor], t
     raise ValueError(f"unknown augment level {level!r}; choose none, light or strong")
 
 
+def seeded(transform: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor, key: int) -> torch.Tensor:
+    """Apply a random transform with randomness fixed by ``key`` (which encodes seed, epoch and index).
+
+    Augmentation then depends on nothing else: not on how many batches a resumed run skips, not on which worker
+    process decodes the image, and it leaves the global RNG (dropout, shuffling) untouched.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(key)
+        return transform(image)
+
+
 class FileDataset(torch.utils.data.Dataset[tuple[torch.Tensor, int, int]]):
     """Decodes files on access: (uint8 CHW tensor, label, index). A file that fails is returned as ``None``.
 
     Without ``augment`` images are resized and centre-cropped for inference; with it, the resized base image goes
-    through ``augment`` (training, or augmented feature views).
+    through ``augment`` (training, or augmented feature views). Indices past ``len(self)`` select the same image
+    with other augmentation randomness (:class:`headstart.trainer.EpochSampler` adds ``epoch * len`` to them).
     """
 
     def __init__(
@@ -441,20 +456,24 @@ class FileDataset(torch.utils.data.Dataset[tuple[torch.Tensor, int, int]]):
         records: Sequence[ImageRecord] | Sequence[Path],
         prep: Preprocessing,
         augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        seed: int = 0,
     ):
-        self.records = list(records)
+        self.records: list[ImageRecord | Path] = list(records)
         self.prep = prep
         self.augment = augment
+        self.seed = seed
 
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
+    def __getitem__(self, key: int) -> tuple[torch.Tensor, int, int]:
+        index = key % len(self.records)
         item = self.records[index]
-        path, label = (item.path, item.label) if isinstance(item, ImageRecord) else (item, -1)
+        path: Path = item.path if isinstance(item, ImageRecord) else Path(item)
+        label = item.label if isinstance(item, ImageRecord) else -1
         try:
             if self.augment is not None:
-                return self.augment(base_tensor(path, self.prep)), label, index
+                return seeded(self.augment, base_tensor(path, self.prep), self.seed * 1_000_003 + key), label, index
             return eval_tensor(path, self.prep), label, index
         except DataError:
             return None, label, index  # type: ignore[return-value]  # dropped by collate_skip
@@ -477,17 +496,26 @@ class MemoryDataset(torch.utils.data.Dataset[tuple[torch.Tensor, int, int]]):
     """Decoded base images kept in memory, augmented on access: decoding happens once per run, not per epoch."""
 
     def __init__(
-        self, images: list[torch.Tensor], labels: list[int], transform: Callable[[torch.Tensor], torch.Tensor]
+        self,
+        images: list[torch.Tensor],
+        labels: list[int],
+        transform: Callable[[torch.Tensor], torch.Tensor] | None,
+        seed: int = 0,
     ):
         self.images = images
         self.labels = labels
         self.transform = transform
+        self.seed = seed
 
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
-        return self.transform(self.images[index]), self.labels[index], index
+    def __getitem__(self, key: int) -> tuple[torch.Tensor, int, int]:
+        index = key % len(self.images)
+        image = self.images[index]
+        if self.transform is not None:
+            image = seeded(self.transform, image, self.seed * 1_000_003 + key)
+        return image, self.labels[index], index
 
 
 def decode_all(

@@ -59,9 +59,10 @@ def download_and_extract(url: str, dest_root: Path, name: str = HYMENOPTERA_DIR,
         try:
             with zipfile.ZipFile(archive) as zf:
                 staging = Path(tmp) / "x"
+                inside = staging.resolve()
                 for member in zf.namelist():
-                    resolved = (staging / member).resolve()
-                    if not str(resolved).startswith(str(staging.resolve())):
+                    # Path containment, not a string prefix: "../x-evil" would pass a startswith check on ".../x".
+                    if not (staging / member).resolve().is_relative_to(inside):
                         raise ValueError(f"{url}: archive member {member!r} escapes the extraction folder")
                 zf.extractall(staging)
         except zipfile.BadZipFile as error:

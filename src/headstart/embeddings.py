@@ -159,17 +159,17 @@ def embed(
             ok[i] = True
     failed: list[tuple[Path, str]] = []
     if todo:
-        out = run_model(
+        computed = run_model(
             backbone, [records[i] for i in todo], backbone.preprocessing, dim, batch_size=batch_size,
             precision=precision, device=device, workers=workers, channels_last=channels_last, description=description,
             augment=augment,
         )  # fmt: skip
-        failed = out.failed
-        for j in np.flatnonzero(out.ok):
-            features[todo[j]] = out.values[j]
+        failed = computed.failed
+        for j in np.flatnonzero(computed.ok):
+            features[todo[j]] = computed.values[j]
             ok[todo[j]] = True
             if cache is not None:
-                cache.put(records[todo[j]].digest, out.values[j])
+                cache.put(records[todo[j]].digest, computed.values[j])
     index = np.flatnonzero(ok)
     out = features[index]
     if l2_normalize:

@@ -29,7 +29,6 @@ class Outputs:
     failed: list[tuple[Path, str]] = field(default_factory=list)
 
 
-@torch.inference_mode()
 def run_model(
     module: nn.Module,
     records: Sequence[ImageRecord] | Sequence[Path],
@@ -77,7 +76,9 @@ def run_model(
         prefetch_factor=4 if n_workers else None,
         pin_memory=device.type == "cuda",
     )
-    with progress.bar() as bars:
+    # Only the loop runs in inference mode: moving the module to channels-last in it would turn its parameters
+    # into inference tensors that can no longer be trained.
+    with progress.bar() as bars, torch.inference_mode():
         task = bars.add_task(description, total=len(records), info="")
         for step, (images, _, index) in enumerate(loader):
             if len(index):
@@ -93,6 +94,6 @@ def run_model(
     module.train(was_training)
     failed = []
     for i in np.flatnonzero(~ok):
-        item = records[i]
+        item = records[int(i)]
         failed.append((item.path if isinstance(item, ImageRecord) else Path(item), "cannot decode"))
     return Outputs(values, ok, failed)

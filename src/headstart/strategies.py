@@ -4,10 +4,12 @@
   features (see :mod:`headstart.heads`); seconds on a CPU.
 * ``finetune``: the new head is first trained on frozen features exactly as in ``extract``; then the whole network
   trains with discriminative learning rates: the backbone at ``lr * backbone_lr_ratio``, the head at ``lr``.
-  BatchNorm policy (``bn_policy``): ``train`` lets BN layers update their statistics and affine parameters (the
-  default: batches of 32 give stable statistics and the new domain's statistics differ from ImageNet's); ``frozen``
-  keeps every BN layer in inference mode with fixed statistics and affine parameters, as the Keras guide does, which
-  suits batches under about 16.
+  BatchNorm policy (``bn_policy``): ``frozen`` (the default) keeps every BN layer of the backbone in inference mode
+  with its ImageNet statistics and affine parameters fixed, as the Keras guide does; ``train`` lets BN layers update
+  both. Measured on ants/bees (244 training images, batch 32, random-resized crops), ``train`` drifted the running
+  statistics away from what centre-cropped validation images produce: validation loss rose every epoch and accuracy
+  fell from 0.95 to 0.87-0.90 after five epochs, while ``frozen`` held 0.94-0.95. ``train`` suits large sets whose
+  statistics differ strongly from ImageNet's.
 * ``scratch``: the same architecture with random weights, everything trained: the control that shows what the
   pretrained weights are worth.
 """
@@ -31,8 +33,8 @@ DEFAULTS: dict[str, OptimConfig] = {
         augment="none", bn_policy="frozen", head_c=None, head="logistic", knn_k=10, augment_views=0,
     ),
     "finetune": OptimConfig(
-        epochs=5, lr=1e-3, backbone_lr_ratio=0.1, weight_decay=0.01, warmup_epochs=1.0, label_smoothing=0.1,
-        augment="light", bn_policy="train", head_c=None, head="logistic", knn_k=10, augment_views=0,
+        epochs=5, lr=3e-4, backbone_lr_ratio=0.1, weight_decay=0.01, warmup_epochs=1.0, label_smoothing=0.1,
+        augment="light", bn_policy="frozen", head_c=None, head="logistic", knn_k=10, augment_views=0,
     ),
     "scratch": OptimConfig(
         epochs=15, lr=2e-3, backbone_lr_ratio=1.0, weight_decay=0.05, warmup_epochs=1.0, label_smoothing=0.1,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import time
 from collections.abc import Callable
@@ -111,14 +112,16 @@ class Trainer:
         self.best_epoch = -1
         self.history: list[dict[str, Any]] = []
         self.stale = 0
+        self._resume_totals: tuple[float, float, int] = (0.0, 0.0, 0)
 
     # -- checkpoints -------------------------------------------------------------------------------------------------
 
     def _checkpoint_path(self) -> Path:
         return self.run_dir / "checkpoints" / "last.pt"
 
-    def save_checkpoint(self, batches_done: int) -> None:
-        """Atomically save everything needed to continue: weights, optimiser, RNG states, position, best metric."""
+    def save_checkpoint(self, batches_done: int, totals: tuple[float, float, int] = (0.0, 0.0, 0)) -> None:
+        """Atomically save everything needed to continue: weights, optimiser, RNG states, position in the epoch
+        (batches done and the running loss/accuracy sums), best metric and history."""
         if not self.accelerator.is_main_process:
             return
         state = {
@@ -127,6 +130,7 @@ class Trainer:
             "step": self.step,
             "epoch": self.epoch,
             "batches_done": batches_done,
+            "epoch_totals": torch.tensor([totals[0], totals[1], float(totals[2])], dtype=torch.float64),
             "best": self.best,
             "best_epoch": self.best_epoch,
             "stale": self.stale,
@@ -143,7 +147,10 @@ class Trainer:
 
     def load_checkpoint(self) -> int:
         """Restore from ``checkpoints/last.pt``; returns the number of batches already done in the current epoch."""
-        state = torch.load(self._checkpoint_path(), map_location="cpu", weights_only=True)
+        path = self._checkpoint_path()
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: the run stopped before its first checkpoint; start it again")
+        state = torch.load(path, map_location="cpu", weights_only=True)
         self.accelerator.unwrap_model(self.model).load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.step, self.epoch = int(state["step"]), int(state["epoch"])
@@ -152,6 +159,12 @@ class Trainer:
         torch.set_rng_state(state["rng_torch"])
         _set_numpy_state(json.loads(bytes(state["rng_numpy"].numpy()).decode()))
         random.setstate(_tuplify(json.loads(state["rng_python"])))
+        totals = state["epoch_totals"].tolist()
+        self._resume_totals = (totals[0], totals[1], int(totals[2]))
+        if self.accelerator.is_main_process:
+            # Rows written after this checkpoint belong to work that will be redone.
+            rows = "".join(json.dumps(entry) + "\n" for entry in self.history)
+            (self.run_dir / "metrics.jsonl").write_text(rows)
         return int(state["batches_done"])
 
     # -- loop --------------------------------------------------------------------------------------------------------
@@ -201,10 +214,14 @@ class Trainer:
         self.model.train()
         task = bars.add_task(f"epoch {epoch}/{self.settings.epochs}", total=self.steps_per_epoch, info="")
         tic = time.perf_counter()
-        loss_sum = torch.zeros((), device=self.accelerator.device)
-        correct = torch.zeros((), device=self.accelerator.device)
-        seen = 0
+        device = self.accelerator.device
+        start = self._resume_totals if skip else (0.0, 0.0, 0)
+        loss_sum = torch.tensor(start[0], device=device)
+        correct = torch.tensor(start[1], device=device)
+        seen = start[2]
+        _set_epoch(self.train_loader, epoch)
         loader = self.accelerator.skip_first_batches(self.train_loader, skip) if skip else self.train_loader
+        _set_epoch(loader, epoch)  # a skipping loader starts its own epoch counter at 0; keep the permutation
         for batch_index, (images, labels, _) in enumerate(loader, start=skip):
             self._set_lr()
             with autocast(self.accelerator.device, self.settings.precision):
@@ -220,7 +237,7 @@ class Trainer:
             seen += len(labels)
             bars.update(task, advance=1, info=f"loss {loss.item():.3f}" if batch_index % 5 == 0 else None)
             if self.settings.checkpoint_every and self.step % self.settings.checkpoint_every == 0:
-                self.save_checkpoint(batch_index + 1)
+                self.save_checkpoint(batch_index + 1, (float(loss_sum), float(correct), seen))
         totals = self.accelerator.reduce(
             torch.stack([loss_sum, correct, torch.tensor(float(seen), device=loss_sum.device)])
         )
@@ -267,8 +284,61 @@ class Trainer:
         return improved
 
 
+def make_accelerator() -> Accelerator:
+    """An Accelerator for this launch: CUDA (one or several GPUs), or CPU processes talking over gloo.
+
+    ``split_batches`` makes ``data.batch_size`` the global batch whatever the number of processes, so results and
+    learning rates do not depend on it. Without CUDA, Accelerate only recognises a multi-process launch (torchrun,
+    ``accelerate launch``) when asked for the CPU explicitly.
+    """
+    from accelerate.utils import DataLoaderConfiguration
+
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return Accelerator(
+        cpu=several and not torch.cuda.is_available(),
+        dataloader_config=DataLoaderConfiguration(split_batches=True),
+    )
+
+
+class EpochSampler(torch.utils.data.Sampler[int]):
+    """Shuffles with a permutation that depends only on (seed, epoch), so a resumed run replays the same order and
+    every process of a distributed run agrees on it. Yields ``epoch * size + index``: the datasets take the index
+    modulo their length and use the whole key to seed that image's augmentation."""
+
+    def __init__(self, size: int, seed: int):
+        self.size = size
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the permutation of ``epoch``."""
+        self.epoch = epoch
+
+    def __iter__(self) -> Any:
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        offset = self.epoch * self.size
+        return iter((torch.randperm(self.size, generator=generator) + offset).tolist())
+
+    def __len__(self) -> int:
+        return self.size
+
+
+def _set_epoch(loader: Any, epoch: int) -> None:
+    """Tell an :class:`EpochSampler` inside a (possibly Accelerate-wrapped) loader which epoch starts."""
+    if hasattr(loader, "set_epoch"):
+        loader.set_epoch(epoch)
+    for candidate in (
+        getattr(loader, "sampler", None),
+        getattr(getattr(loader, "batch_sampler", None), "sampler", None),
+        getattr(getattr(getattr(loader, "batch_sampler", None), "batch_sampler", None), "sampler", None),
+    ):
+        if isinstance(candidate, EpochSampler):
+            candidate.set_epoch(epoch)
+
+
 def _numpy_state() -> list[Any]:
-    name, keys, pos, has_gauss, gauss = np.random.get_state()  # type: ignore[misc]
+    state: Any = np.random.get_state()
+    name, keys, pos, has_gauss, gauss = state
     return [name, keys.tolist(), pos, has_gauss, gauss]
 
 
