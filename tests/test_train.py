@@ -14,7 +14,7 @@ import yaml
 from headstart import api
 from headstart.cli import main
 
-FAST = {"backbone": "tiny_cnn", "batch_size": 8, "num_workers": 0}
+FAST = {"backbone": "tiny_cnn", "batch_size": 8, "num_workers": 0, "run.report": False}
 
 
 def test_extract_run_folder_and_reload(image_folder: Path, tiny_weights: Path, cache_dir: Path, tmp_path: Path) -> None:
@@ -114,3 +114,10 @@ def test_class_weights_and_csv_manifest(folder_factory, tiny_weights: Path, cach
     result = api.train(manifest, strategy="scratch", epochs=1, class_weights="auto", out=str(tmp_path / "r"),
                        cache_dir=str(cache_dir), **FAST)  # fmt: skip
     assert result.metrics["n"] == 4  # 20% of 8 per class, stratified
+
+
+def test_scratch_refuses_weights_and_paths_are_accepted(image_folder: Path, tiny_weights: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="scratch trains from random weights"):
+        api.train(image_folder, strategy="scratch", weights=str(tiny_weights), out=str(tmp_path / "r"), **FAST)
+    result = api.train(image_folder, strategy="scratch", epochs=1, out=tmp_path / "p", cache_dir=tmp_path / "c", **FAST)
+    assert yaml.safe_load((result.run_dir / "config.yaml").read_text())["run"]["out"] == str(tmp_path / "p")

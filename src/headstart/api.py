@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 
 from headstart import config as cfg
 from headstart import progress
+from headstart.audit import quick_audit
 from headstart.backbones import Preprocessing, create_backbone
 from headstart.config import TrainConfig
 from headstart.data import (
@@ -101,12 +102,17 @@ def build_config(data: str | Path | None = None, config: TrainConfig | None = No
         head, _, rest = dotted.partition(".")
         if head != "strategy" and not rest:
             raise TypeError(f"unknown option {key!r}; use one of {', '.join(sorted(ALIASES))} or a dotted key")
-        changes[dotted] = value
+        changes[dotted] = str(value) if isinstance(value, Path) else value  # configs hold plain YAML values
     if data is not None:
         changes["data.path"] = str(data)
     built = cfg.replace(base, **changes)
     if not built.data.path:
         raise ValueError("no data given: pass a dataset folder or CSV manifest")
+    if built.strategy == "scratch" and built.model.weights:
+        raise ValueError(
+            f"--strategy scratch trains from random weights, but --weights {built.model.weights} was given; "
+            "drop --weights, or use --strategy finetune to start from that file"
+        )
     return built
 
 
@@ -177,7 +183,8 @@ def train(
     dataset = load_dataset(config.data.path, config.data.val_fraction, config.data.split_seed)
     _report_data(dataset, run_dir, is_main)
     if config.run.audit and is_main:
-        _quick_audit(dataset)
+        for warning in quick_audit(dataset):
+            progress.log(f"[yellow]{warning}")
     backbone = create_backbone(
         config.model.backbone, pretrained=config.strategy != "scratch", weights=config.model.weights
     )
@@ -233,10 +240,22 @@ def train(
         (run_dir / "metrics.json").write_text(
             json.dumps({"val": result.metrics, "test": result.test_metrics}, indent=2)
         )
-    result.seconds = time.perf_counter() - tic
+    result.seconds = time.perf_counter() - tic  # the report below is not part of the training cost
+    if is_main and config.run.report:
+        _write_report(run_dir, dataset)
     if accelerator is not None:
         _finish_distributed(accelerator)
     return result
+
+
+def _write_report(run_dir: Path, dataset: Dataset) -> None:
+    """Build report.html; the model is already saved, so a failing figure must not fail the run."""
+    from headstart.report import build_report
+
+    try:
+        build_report(run_dir, data=dataset)
+    except Exception as error:  # reporting is best effort: matplotlib, Grad-CAM and t-SNE each have failure modes
+        progress.log(f"[yellow]report not written ({type(error).__name__}: {error}); retry with `headstart report`")
 
 
 def _finish_distributed(accelerator: Accelerator) -> None:
@@ -259,20 +278,6 @@ def _report_data(dataset: Dataset, run_dir: Path, is_main: bool) -> None:
         progress.log(f"[yellow]skipped {len(dataset.skipped)} file(s), listed in {run_dir / 'skipped_files.txt'}:")
         for item in dataset.skipped[:10]:
             progress.log(f"  {item.path}: {item.reason}")
-
-
-def _quick_audit(dataset: Dataset) -> None:
-    """Warn about exact duplicates shared by train and val (leakage) and files with two labels (conflicts)."""
-    train = {r.digest: r for r in dataset.train}
-    leaks = [r for r in dataset.val + dataset.test if r.digest in train]
-    by_digest: dict[str, set[int]] = {}
-    for r in dataset.train + dataset.val + dataset.test:
-        by_digest.setdefault(r.digest, set()).add(r.label)
-    conflicts = [d for d, labels in by_digest.items() if len(labels) > 1]
-    if leaks:
-        progress.log(f"[yellow]leakage: {len(leaks)} val/test image(s) also in train, e.g. {leaks[0].path}")
-    if conflicts:
-        progress.log(f"[yellow]label conflicts: {len(conflicts)} image(s) appear under two or more classes")
 
 
 def _class_weights(dataset: Dataset, mode: str) -> tuple[float, ...] | None:
@@ -333,6 +338,7 @@ def _fit_head(
     probs = predict_proba(model.head, va.features)
     val_labels = np.array([dataset.val[i].label for i in va.index])
     metrics = classification_metrics(val_labels, probs, dataset.classes)
+    metrics["loss"] = float(-np.log(np.clip(probs[np.arange(len(val_labels)), val_labels], 1e-12, 1.0)).mean())
     metrics["head_info"] = info
     if show:
         progress.log(

@@ -283,6 +283,10 @@ def _torchvision_network(
     kwargs: dict[str, Any] = {"aux_logits": False} if arch in ("googlenet", "inception_v3") else {}
     if arch in ("googlenet", "inception_v3"):
         kwargs["init_weights"] = not (pretrained and weights is None)
+        if weights is not None:
+            # torchvision's own checkpoints for these two expect its input re-normalisation; it switches it on
+            # when it loads them itself, so do the same for the same files given by path.
+            kwargs["transform_input"] = True
     source = "random"
     if pretrained and weights is None:
         try:

@@ -84,6 +84,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("cache", help="inspect or clear the feature cache")
     p.add_argument("action", choices=["info", "clear"])
     p.add_argument("--cache-dir", help="feature cache folder")
+
+    p = sub.add_parser("demo", help="ants vs bees: compare extract, finetune and scratch, with reports")
+    p.add_argument("--out", default="runs/demo", help="comparison folder (default runs/demo)")
+    p.add_argument("--seeds", type=int, default=3, help="runs per strategy (default 3)")
+
+    # Subcommands of the other areas live beside their library modules.
+    from headstart import cli_audit, cli_report, cli_retrieval, cli_serve
+
+    for module in (cli_report, cli_retrieval, cli_audit, cli_serve):
+        module.add_parsers(sub)
     return parser
 
 
@@ -207,6 +217,14 @@ def _embed(args: argparse.Namespace) -> int:
     return 0
 
 
+@command("demo")
+def _demo(args: argparse.Namespace) -> int:
+    from headstart.compare import demo
+
+    demo(out=args.out, seeds=args.seeds)
+    return 0
+
+
 @command("cache")
 def _cache(args: argparse.Namespace) -> int:
     from headstart.embeddings import cache_clear, cache_info, default_cache_root
@@ -233,6 +251,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except USER_ERRORS as error:
         print(f"headstart {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as error:
+        if error.name and error.name.split(".")[0] == "headstart":
+            raise
+        print(
+            f"headstart {args.command}: error: this command needs the package {error.name!r}, which is not installed; "
+            "install the extras with: pip install 'headstart[retrieval,serve,export,audit]'",
+            file=sys.stderr,
+        )
         return 2
 
 

@@ -75,6 +75,7 @@ class RunConfig:
     cache_dir: str | None = None  # feature cache root; None uses $HEADSTART_CACHE or ~/.cache/headstart
     checkpoint_every: int = 0  # also checkpoint every N optimiser steps (0: once per epoch) for resume
     audit: bool = True  # quick pre-training check of the data for train/val leakage and label conflicts
+    report: bool = True  # write report.html with figures into the run folder after training
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,6 +172,10 @@ def replace(config: T, **changes: Any) -> T:
             nested.setdefault(head, {})[rest] = value
         else:
             flat[key] = value
+    valid = [f.name for f in dataclasses.fields(config)]  # type: ignore[arg-type]
+    unknown = sorted((set(flat) | set(nested)) - set(valid))
+    if unknown:
+        raise ValueError(f"unknown key(s) {unknown} in {type(config).__name__}; valid keys: {', '.join(valid)}")
     for head, sub in nested.items():
         flat[head] = replace(getattr(config, head), **sub)
     return dataclasses.replace(config, **flat)  # type: ignore[type-var]

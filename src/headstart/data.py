@@ -13,6 +13,7 @@ Every file is checked before any training: unreadable, truncated, zero-byte, non
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import io
 import os
@@ -50,6 +51,7 @@ class ImageRecord:
     width: int
     height: int
     mode: str  # Pillow mode before conversion to RGB (L, P, RGBA, CMYK, I;16, ...)
+    blank: bool = False  # near-blank, few colours (see is_near_blank); a placeholder when the same file repeats
 
 
 @dataclass(frozen=True)
@@ -145,10 +147,17 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def is_placeholder(image: Image.Image, path: Path) -> bool:
-    """Heuristic for "image not found" stand-ins: a telling file name, or a near-blank low-colour picture."""
-    if PLACEHOLDER_NAMES.search(path.stem):
-        return True
+def is_placeholder_name(path: Path) -> bool:
+    """A file name that says "image not found" (``imageNotFound.gif``, ``placeholder.png``, ...)."""
+    return PLACEHOLDER_NAMES.search(path.stem) is not None
+
+
+def is_near_blank(image: Image.Image) -> bool:
+    """Few colours with one covering over 80% of the picture, like a stand-in graphic.
+
+    Line drawings look the same to this test, so a near-blank image counts as a placeholder only when its file
+    name says so or when the very same file appears more than once in the data (see :func:`scan_files`).
+    """
     # Nearest-neighbour sampling keeps a flat graphic's few colours (a smoothing resize would invent new ones).
     colours = image.resize((64, 64), Image.Resampling.NEAREST).getcolors(maxcolors=64)
     return colours is not None and max(count for count, _ in colours) / (64 * 64) > 0.8
@@ -178,19 +187,27 @@ def _check(path: Path) -> tuple[ImageRecord | None, str | None]:
         return None, reason
     except Exception as error:  # a codec bug on a hostile file must not stop the scan
         return None, f"cannot decode ({type(error).__name__}: {error})"
-    if is_placeholder(image, path):
-        return None, "placeholder image (blank or 'not found' stand-in)"
+    if is_placeholder_name(path) and is_near_blank(image):
+        return None, "placeholder image ('not found' stand-in)"
     digest = hashlib.blake2b(data, digest_size=16).hexdigest()
-    return ImageRecord(path, -1, digest, size[0], size[1], mode), None
+    return ImageRecord(path, -1, digest, size[0], size[1], mode, is_near_blank(image)), None
 
 
 def scan_files(paths: Sequence[Path], workers: int | None = None) -> tuple[list[ImageRecord], list[Skipped]]:
-    """Validate files in parallel threads (decoding releases the GIL); keeps input order."""
+    """Validate files in parallel threads (decoding releases the GIL); keeps input order.
+
+    A near-blank picture whose exact bytes appear more than once is a placeholder that a download or a scraper
+    saved in place of missing photos: every copy is skipped.
+    """
     with ThreadPoolExecutor(max_workers=workers or min(8, (os.cpu_count() or 1) + 1)) as pool:
         results = list(pool.map(_check, paths))
+    repeats = Counter(record.digest for record, _ in results if record is not None and record.blank)
     records: list[ImageRecord] = []
     skipped: list[Skipped] = []
     for path, (record, reason) in zip(paths, results, strict=True):
+        if record is not None and record.blank and repeats[record.digest] > 1:
+            reason = f"placeholder image: the same near-blank picture appears {repeats[record.digest]} times"
+            record = None
         if record is not None:
             records.append(record)
         else:
@@ -337,7 +354,7 @@ def _finish(
 
 
 def _with_label(record: ImageRecord, label: int) -> ImageRecord:
-    return ImageRecord(record.path, label, record.digest, record.width, record.height, record.mode)
+    return dataclasses.replace(record, label=label)
 
 
 def collect_files(inputs: Iterable[str | os.PathLike[str]]) -> list[Path]:

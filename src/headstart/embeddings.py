@@ -199,7 +199,7 @@ def cache_clear(cache_root: Path | None = None) -> int:
     return count
 
 
-def _dataset_or_files(inputs: Sequence[str | os.PathLike[str]]) -> tuple[list[ImageRecord], list[str], list[str]]:
+def dataset_or_files(inputs: Sequence[str | os.PathLike[str]]) -> tuple[list[ImageRecord], list[str], list[str]]:
     """Records, their split names, and class names: a dataset when one folder/CSV of classes is given, else files."""
     from headstart.data import DataError, collect_files, load_dataset
 
@@ -241,7 +241,7 @@ def write_embeddings(
 
     from headstart.backbones import create_backbone
 
-    records, splits, classes = _dataset_or_files(inputs)
+    records, splits, classes = dataset_or_files(inputs)
     model = create_backbone(backbone, pretrained=True, weights=weights)
     device = pick_device()
     resolved = resolve_precision(precision, device)
