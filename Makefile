@@ -12,7 +12,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(TORCH)
-	$(PIP) install -q -e ".[test,lite,retrieval]"
+	$(PIP) install -q -e ".[test,lite,retrieval,serve,export,audit]"
 	touch $@
 
 demo: $(VENV)/.installed

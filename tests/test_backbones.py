@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,14 +24,7 @@ CONTRACT = (*TINY_BACKBONES, "torchvision/mobilenet_v3_small")
 IMAGENET_ANT, IMAGENET_BEE = 310, 309
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """One intra-op thread. On the shared 2-core machine two OpenMP threads wait on each other at every barrier when
-    other jobs hold the cores: mobilenet_v3_small forward + backward took 20 s with 2 threads and 0.3 s with 1."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("name", CONTRACT)

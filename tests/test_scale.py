@@ -148,3 +148,26 @@ def test_two_process_gloo_matches_one_process(image_folder: Path, tiny_weights: 
     assert (multi / "run" / "model.safetensors").is_file() and (multi / "run" / "metrics.jsonl").is_file()
     rows = [json.loads(line) for line in (multi / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [0, 1, 2]
+
+
+def test_embed_shards_across_two_processes_and_merges_in_order(image_folder: Path, tiny_weights: Path,
+                                                                tmp_path: Path) -> None:  # fmt: skip
+    import numpy as np
+
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HEADSTART_QUIET": "1"}
+    common = ["embed", str(image_folder), "--backbone", "tiny_cnn", "--weights", str(tiny_weights), "--precision",
+              "fp32"]  # fmt: skip
+    single = subprocess.run([sys.executable, "-m", "headstart", *common, "--out", str(tmp_path / "one"),
+                             "--cache-dir", str(tmp_path / "c1")], capture_output=True, text=True, env=env)  # fmt: skip
+    assert single.returncode == 0, single.stderr[-2000:]
+    multi = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "headstart", *common, "--out",
+                            str(tmp_path / "two"), "--cache-dir", str(tmp_path / "c2")],
+                           capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    assert multi.returncode == 0, multi.stderr[-3000:]
+    one, two = np.load(tmp_path / "one" / "embeddings.npy"), np.load(tmp_path / "two" / "embeddings.npy")
+    assert one.shape == two.shape == (30, 64)
+    np.testing.assert_allclose(two, one, rtol=0, atol=1e-5)
+    assert (tmp_path / "one" / "ids.csv").read_text() == (tmp_path / "two" / "ids.csv").read_text()
+    # each rank computed and cached its own share: together, every image once
+    assert len(list((tmp_path / "c2").rglob("*.f32"))) == 30

@@ -121,3 +121,10 @@ def test_scratch_refuses_weights_and_paths_are_accepted(image_folder: Path, tiny
         api.train(image_folder, strategy="scratch", weights=str(tiny_weights), out=str(tmp_path / "r"), **FAST)
     result = api.train(image_folder, strategy="scratch", epochs=1, out=tmp_path / "p", cache_dir=tmp_path / "c", **FAST)
     assert yaml.safe_load((result.run_dir / "config.yaml").read_text())["run"]["out"] == str(tmp_path / "p")
+
+
+def test_early_stopping_stops_after_patience(image_folder: Path, tiny_weights: Path, tmp_path: Path) -> None:
+    # lr 0: the metric cannot improve after epoch 0 (the head fitted on frozen features), so patience 2 stops at 2
+    result = api.train(image_folder, strategy="finetune", weights=str(tiny_weights), epochs=6, lr=0.0,
+                       early_stopping=2, out=str(tmp_path / "r"), cache_dir=str(tmp_path / "c"), **FAST)  # fmt: skip
+    assert [row["epoch"] for row in result.history] == [0, 1, 2]

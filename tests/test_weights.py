@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -20,15 +20,7 @@ from headstart import weights as weights_module
 from headstart.backbones import TinyCNN, create_backbone
 from headstart.weights import BundledWeights, WeightsError, bundled_path, load_into, read_state_dict
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """One intra-op thread. On the shared 2-core machine two OpenMP threads wait on each other at every barrier when
-    other jobs hold the cores: mobilenet_v3_small forward + backward took 20 s with 2 threads and 0.3 s with 1."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _save(state: dict[str, torch.Tensor], path: Path) -> Path:

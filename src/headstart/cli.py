@@ -53,6 +53,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML config file (see a run folder's config.yaml); flags override it")
     p.add_argument("--out", help="run folder (default runs/<strategy>-<backbone>-<time>)")
     p.add_argument("--overwrite", action="store_true", default=None, help="replace an existing run folder")
+    p.add_argument("--no-report", action="store_true", help="skip report.html (rebuild later: headstart report RUN)")
 
     p = sub.add_parser("evaluate", help="metrics of a trained model on a labelled split")
     p.add_argument("run", help="run folder of a trained model")
@@ -129,7 +130,7 @@ def _train(args: argparse.Namespace) -> int:
         cache_dir=args.cache_dir,
         out=args.out,
         overwrite=args.overwrite,
-        **{"run.checkpoint_every": args.checkpoint_every},
+        **{"run.checkpoint_every": args.checkpoint_every, "run.report": False if args.no_report else None},
     )
     return _print_result(result)
 

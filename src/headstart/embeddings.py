@@ -14,13 +14,14 @@ import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from headstart.backbones import Backbone
 from headstart.data import ImageRecord
-from headstart.hardware import pick_device, resolve_precision
+from headstart.hardware import distributed, pick_device, resolve_precision
 from headstart.inference import run_model
 from headstart.models import atomic_write_bytes
 
@@ -158,18 +159,30 @@ def embed(
             features[i] = vector
             ok[i] = True
     failed: list[tuple[Path, str]] = []
+    world, rank = distributed()
     if todo:
+        mine = todo[rank::world]  # under a multi-process launch each rank embeds its share of the misses
         computed = run_model(
-            backbone, [records[i] for i in todo], backbone.preprocessing, dim, batch_size=batch_size,
+            backbone, [records[i] for i in mine], backbone.preprocessing, dim, batch_size=batch_size,
             precision=precision, device=device, workers=workers, channels_last=channels_last, description=description,
             augment=augment,
         )  # fmt: skip
-        failed = computed.failed
         for j in np.flatnonzero(computed.ok):
-            features[todo[j]] = computed.values[j]
-            ok[todo[j]] = True
             if cache is not None:
-                cache.put(records[todo[j]].digest, computed.values[j])
+                cache.put(records[mine[j]].digest, computed.values[j])
+        shards = [(mine, computed.values, computed.ok, computed.failed)]
+        if world > 1:
+            import torch.distributed as dist
+
+            gathered: list[Any] = [None] * world
+            dist.all_gather_object(gathered, shards[0])
+            shards = gathered
+        for positions, values, done, lost in shards:  # merged back in input order
+            for j in np.flatnonzero(done):
+                features[positions[j]] = values[j]
+                ok[positions[j]] = True
+            failed += lost
+        failed.sort(key=lambda item: str(item[0]))
     index = np.flatnonzero(ok)
     out = features[index]
     if l2_normalize:
@@ -234,6 +247,9 @@ def write_embeddings(
 ) -> Embeddings:
     """Embed a dataset or image files and write ``embeddings.npy``, ``ids.csv`` and ``meta.json`` into ``out``.
 
+    Under ``torchrun``/``accelerate launch`` the images are sharded across the processes and merged in input order;
+    rank 0 writes the files.
+
     ``ids.csv`` has one row per embedding row: ``path,label,split,digest`` (label empty when unknown).
     """
     import csv
@@ -243,12 +259,15 @@ def write_embeddings(
 
     records, splits, classes = dataset_or_files(inputs)
     model = create_backbone(backbone, pretrained=True, weights=weights)
+    _, rank = distributed()  # before picking the device: a GPU launch gives each rank its own card
     device = pick_device()
     resolved = resolve_precision(precision, device)
     result = embed(
         model, records, batch_size=batch_size, precision=resolved, device=device, use_cache=use_cache,
         cache_root=Path(cache_dir) if cache_dir else None, l2_normalize=l2_normalize,
     )  # fmt: skip
+    if rank != 0:
+        return result  # every rank holds the merged result; one writes it
     out.mkdir(parents=True, exist_ok=True)
     np.save(out / "embeddings.npy", result.features)
     with (out / "ids.csv").open("w", newline="") as handle:

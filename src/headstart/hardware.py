@@ -50,6 +50,31 @@ def autocast(device: torch.device, precision: str) -> Iterator[None]:
         yield
 
 
+def distributed() -> tuple[int, int]:
+    """(world size, rank) of a multi-process launch, joining its process group on first use.
+
+    Under torchrun or ``accelerate launch`` (``WORLD_SIZE`` > 1) the group is initialised through Accelerate (gloo on
+    CPU, NCCL on GPUs) and destroyed at exit, as a clean shutdown requires. Otherwise (1, 0).
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 1, 0
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        import atexit
+
+        from accelerate import PartialState
+
+        PartialState(cpu=not torch.cuda.is_available())
+
+        def leave() -> None:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+        atexit.register(leave)
+    return dist.get_world_size(), dist.get_rank()
+
+
 def decode_workers(requested: int = -1) -> int:
     """Decoding processes: the request, or one when there is a core to spare beside the compute threads."""
     if requested >= 0:
