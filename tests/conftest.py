@@ -94,4 +94,4 @@ def hymenoptera() -> Path:
     """The real ants/bees set beside the checkout (as published, with its placeholder file)."""
     if not HYMENOPTERA.is_dir():
         pytest.skip(f"{HYMENOPTERA} not present")
-    return HYMENOPTERA
+    return HYMENOPTERA.resolve()  # the data scan reports resolved paths (shared/ may be a link)
