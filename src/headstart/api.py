@@ -226,10 +226,10 @@ def train(
             model, dataset, config, precision, accelerator, run_dir, on_best, baseline, resume=_resume
         )
         accelerator.wait_for_everyone()
-        if is_main:
-            result.metrics = load(run_dir).evaluate(dataset, split="val")
     if is_main:
-        loaded = load(run_dir)
+        loaded = load(run_dir)  # the best checkpoint, measured through the same path as `headstart evaluate`
+        if accelerator is not None:
+            result.metrics = loaded.evaluate(dataset, split="val")
         if dataset.test:
             result.test_metrics = loaded.evaluate(dataset, split="test")
         info = loaded.info

@@ -189,8 +189,13 @@ def _check(path: Path) -> tuple[ImageRecord | None, str | None]:
         return None, f"cannot decode ({type(error).__name__}: {error})"
     if is_placeholder_name(path) and is_near_blank(image):
         return None, "placeholder image ('not found' stand-in)"
-    digest = hashlib.blake2b(data, digest_size=16).hexdigest()
+    digest = content_digest(data)
     return ImageRecord(path, -1, digest, size[0], size[1], mode, is_near_blank(image)), None
+
+
+def content_digest(data: bytes) -> str:
+    """Identity of a file's bytes: the key of the feature cache and of duplicate detection."""
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
 def scan_files(paths: Sequence[Path], workers: int | None = None) -> tuple[list[ImageRecord], list[Skipped]]:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from headstart.backbones import Backbone
-from headstart.data import ImageRecord
+from headstart.data import ImageRecord, content_digest
 from headstart.hardware import distributed, pick_device, resolve_precision
 from headstart.inference import run_model
 from headstart.models import atomic_write_bytes
@@ -78,7 +78,7 @@ def cache_key(backbone: Backbone, precision: str, view: str = "center") -> str:
 
 def file_digest(path: Path) -> str:
     """Content digest of a file, identical to the one the data scan computes."""
-    return hashlib.blake2b(path.read_bytes(), digest_size=16).hexdigest()
+    return content_digest(path.read_bytes())
 
 
 @dataclass

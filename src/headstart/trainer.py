@@ -6,6 +6,7 @@ strategy decides what trains by handing over parameter groups (see :mod:`headsta
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -139,8 +140,6 @@ class Trainer:
             "rng_numpy": torch.from_numpy(np.frombuffer(json.dumps(_numpy_state()).encode(), dtype=np.uint8).copy()),
             "rng_python": json.dumps(random.getstate()),
         }
-        import io
-
         buffer = io.BytesIO()
         torch.save(state, buffer)
         atomic_write_bytes(self._checkpoint_path(), buffer.getvalue())
