@@ -69,7 +69,7 @@ def test_rank_scores_and_sorts_backbones(
     rows = rank(image_folder, names, cache_dir=cache_dir, folds=3, batch_size=8, workers=0, pretrained=False,
                 weights=files, out=tmp_path / "report")  # fmt: skip
     assert sorted(r.backbone for r in rows) == sorted(names)
-    assert [r.cv_accuracy for r in rows] == sorted((r.cv_accuracy for r in rows), reverse=True)
+    assert [r.logme for r in rows] == sorted((r.logme for r in rows), reverse=True)
     for r in rows:
         assert r.images == 20 and r.cached == 0
         assert 0.5 <= r.cv_accuracy <= 1.0 and 0.0 <= r.knn_accuracy <= 1.0 and np.isfinite(r.logme)

@@ -97,12 +97,12 @@ def _rank(args: argparse.Namespace) -> int:
     names = offline_candidates() if args.all_offline else [n.strip() for n in args.backbones.split(",") if n.strip()]
     rows = rank(args.data, names, cache_dir=args.cache_dir, folds=args.folds, batch_size=args.batch_size, out=args.out)
     table = Table(
-        "#", "backbone", "CV acc", "kNN acc", "LogME", "embed s", "params", "input", "dim",
-        title="backbones by cross-validated accuracy of a logistic head on frozen features",
+        "#", "backbone", "LogME", "CV acc", "kNN acc", "embed s", "params", "input", "dim",
+        title="backbones by LogME transferability (CV acc: what a logistic head on frozen features reaches)",
     )  # fmt: skip
     for i, r in enumerate(rows, start=1):
         table.add_row(
-            str(i), r.backbone, f"{r.cv_accuracy:.4f}", f"{r.knn_accuracy:.4f}", f"{r.logme:.4f}",
+            str(i), r.backbone, f"{r.logme:.4f}", f"{r.cv_accuracy:.4f}", f"{r.knn_accuracy:.4f}",
             f"{r.embed_seconds:.1f}" + (" (cached)" if r.cached == r.images else ""), f"{r.parameters / 1e6:.1f}M",
             str(r.input_size), str(r.num_features),
         )  # fmt: skip

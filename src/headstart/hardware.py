@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -75,11 +77,68 @@ def distributed() -> tuple[int, int]:
     return dist.get_world_size(), dist.get_rank()
 
 
+_ALLOCATOR_TUNED: bool | None = None
+
+
+def tune_allocator() -> bool:
+    """Stop glibc's malloc from handing every large tensor back to the kernel; True when the setting is in force.
+
+    By default glibc serves allocations above a (dynamic, at most 32 MiB) threshold with a fresh ``mmap`` and unmaps
+    them on free, and trims the heap top as soon as it frees: a CPU forward pass then page-faults and zeroes its
+    activation buffers anew at every batch. Measured on 2 cores, EfficientNet-Lite0, 256 px, batch 32, bf16: 62-76
+    images/s before, 151-155 after (the PyTorch CPU tuning guide's advice of jemalloc/tcmalloc, without preloading).
+    Freed memory up to the thresholds stays in the process instead of returning to the system.
+
+    Only on glibc, once per process, and not when the user set ``MALLOC_*`` variables of their own or
+    ``HEADSTART_MALLOC=0``. Worker processes forked afterwards inherit it.
+    """
+    global _ALLOCATOR_TUNED
+    if _ALLOCATOR_TUNED is not None:
+        return _ALLOCATOR_TUNED
+    _ALLOCATOR_TUNED = False
+    if sys.platform != "linux" or os.environ.get("HEADSTART_MALLOC") == "0":
+        return False
+    if any(name.startswith("MALLOC_") for name in os.environ) or "GLIBC_TUNABLES" in os.environ:
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.gnu_get_libc_version  # noqa: B018  # present on glibc only; musl's mallopt does nothing
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    _ALLOCATOR_TUNED = bool(libc.mallopt(m_mmap_threshold, 1 << 30)) and bool(libc.mallopt(m_trim_threshold, 1 << 29))
+    return _ALLOCATOR_TUNED
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def cpu_inference_workers(device: torch.device, requested: int = -1) -> tuple[int, int]:
+    """(processes, threads each) for CPU inference that decodes and computes in worker processes; (0, 0): don't.
+
+    On a CPU, one single-threaded process per core that decodes its own batch then runs the network beats one
+    process running the network on every core beside a decoding worker: measured on 2 cores with EfficientNet-Lite0
+    at 256 px, one thread gives 20.5 ms per image and two threads 11.9 ms (1.7x, not 2x), and a decoding worker that
+    shares the cores stalls both compute threads at every barrier. Chosen only when ``requested`` is ``-1`` (auto),
+    on a CPU with at least two cores for this process (cores are split between the ranks of a multi-process launch).
+    At most eight processes, each with ``cores // processes`` threads, bound the memory held by batches in flight.
+    """
+    if requested != -1 or device.type != "cpu":
+        return 0, 0
+    cores = usable_cores() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    if cores < 2:
+        return 0, 0
+    processes = min(8, cores)
+    return processes, cores // processes
+
+
 def decode_workers(requested: int = -1) -> int:
     """Decoding processes: the request, or one when there is a core to spare beside the compute threads."""
     if requested >= 0:
         return requested
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = usable_cores()
     if torch.cuda.is_available():
         return min(16, max(1, cores - 1))
     return 1 if cores >= 2 else 0

@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from headstart import progress
-from headstart.hardware import autocast
+from headstart.hardware import autocast, tune_allocator
 from headstart.models import atomic_write_bytes
 from headstart.strategies import warmup_cosine
 
@@ -197,6 +197,7 @@ class Trainer:
     def fit(self, resume: bool = False) -> FitResult:
         """Train for ``settings.epochs`` epochs (or until early stopping), keeping the best epoch's weights."""
         start = time.perf_counter()
+        tune_allocator()
         skip = self.load_checkpoint() if resume else 0
         if not resume and self.baseline is not None:
             self._record(0, {"phase": "head", **self.baseline}, self.baseline)
