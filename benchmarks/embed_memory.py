@@ -3,8 +3,10 @@ re-encoding, so every file is distinct), with the baseline of the same process e
 
     python benchmarks/embed_memory.py [--count 10000]
 
-Memory is the resident set of the whole process tree (the main process plus its decoding workers), sampled every
-0.1 s from /proc.
+Memory of the whole process tree (the main process plus its worker processes), sampled every 0.1 s from /proc, two
+ways: the sum of resident sets (RSS), which counts every page shared between the forked workers and the main process
+(the torch libraries, the model weights) once per process, and the sum of proportional set sizes (PSS), which
+splits each shared page between its sharers: the memory the tree really occupies.
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ from pathlib import Path
 from PIL import Image
 
 
-def tree_rss(pid: int) -> int:
-    """Resident bytes of ``pid`` and all its descendants (Linux /proc)."""
+def tree_memory(pid: int) -> tuple[int, int]:
+    """(RSS, PSS) bytes of ``pid`` and all its descendants (Linux /proc)."""
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -32,30 +34,34 @@ def tree_rss(pid: int) -> int:
             except (OSError, IndexError, ValueError):
                 continue
             children.setdefault(ppid, []).append(int(entry.name))
-    total, todo = 0, [pid]
+    rss = pss = 0
+    todo = [pid]
     while todo:
         current = todo.pop()
         try:
-            for line in Path(f"/proc/{current}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1]) * 1024
+            for line in Path(f"/proc/{current}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Rss:"):
+                    rss += int(line.split()[1]) * 1024
+                elif line.startswith("Pss:"):
+                    pss += int(line.split()[1]) * 1024
         except OSError:
             pass
         todo += children.get(current, [])
-    return total
+    return rss, pss
 
 
-def peak_of(command: list[str]) -> tuple[float, float]:
-    """(peak tree RSS in MiB, seconds) of a command."""
+def peak_of(command: list[str]) -> tuple[float, float, float]:
+    """(peak tree RSS in MiB, peak tree PSS in MiB, seconds) of a command."""
     tic = time.perf_counter()
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    peak = 0
+    peak_rss = peak_pss = 0
     done = threading.Event()
 
     def sample() -> None:
-        nonlocal peak
+        nonlocal peak_rss, peak_pss
         while not done.is_set():
-            peak = max(peak, tree_rss(proc.pid))
+            rss, pss = tree_memory(proc.pid)
+            peak_rss, peak_pss = max(peak_rss, rss), max(peak_pss, pss)
             time.sleep(0.1)
 
     sampler = threading.Thread(target=sample)
@@ -65,7 +71,7 @@ def peak_of(command: list[str]) -> tuple[float, float]:
     sampler.join()
     if proc.returncode:
         raise SystemExit(f"{command} failed with {proc.returncode}")
-    return peak / 2**20, time.perf_counter() - tic
+    return peak_rss / 2**20, peak_pss / 2**20, time.perf_counter() - tic
 
 
 def generate(source: Path, out: Path, count: int) -> None:
@@ -95,11 +101,12 @@ def main() -> None:
         print(f"generated {args.count} images in {time.perf_counter() - tic:.0f} s")
         env_cmd = [sys.executable, "-m", "headstart", "embed", "--cache-dir", str(root / "cache"), "--out"]
         os.environ["HEADSTART_QUIET"] = "1"
-        few_mb, few_s = peak_of([*env_cmd, str(root / "e100"), str(root / "few")])
-        many_mb, many_s = peak_of([*env_cmd, str(root / "e10k"), str(root / "many")])
-    print(f"100 images:    peak {few_mb:7.0f} MiB, {few_s:6.1f} s")
-    print(f"{args.count} images: peak {many_mb:7.0f} MiB, {many_s:6.1f} s ({args.count / many_s:.1f} images/s)")
-    print(f"growth from 100 to {args.count} images: {many_mb - few_mb:.0f} MiB")
+        few_rss, few_pss, few_s = peak_of([*env_cmd, str(root / "e100"), str(root / "few")])
+        many_rss, many_pss, many_s = peak_of([*env_cmd, str(root / "e10k"), str(root / "many")])
+    print(f"100 images:    peak PSS {few_pss:6.0f} MiB (RSS sum {few_rss:6.0f} MiB), {few_s:6.1f} s")
+    print(f"{args.count} images: peak PSS {many_pss:6.0f} MiB (RSS sum {many_rss:6.0f} MiB), {many_s:6.1f} s "
+          f"({args.count / many_s:.1f} images/s)")  # fmt: skip
+    print(f"growth from 100 to {args.count} images: PSS {many_pss - few_pss:.0f} MiB")
 
 
 if __name__ == "__main__":

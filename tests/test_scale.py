@@ -171,3 +171,28 @@ def test_embed_shards_across_two_processes_and_merges_in_order(image_folder: Pat
     assert (tmp_path / "one" / "ids.csv").read_text() == (tmp_path / "two" / "ids.csv").read_text()
     # each rank computed and cached its own share: together, every image once
     assert len(list((tmp_path / "c2").rglob("*.f32"))) == 30
+
+
+def test_index_build_shards_across_two_processes(image_folder: Path, tiny_weights: Path, tmp_path: Path) -> None:
+    import numpy as np
+
+    from headstart.retrieval import ImageIndex
+
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HEADSTART_QUIET": "1"}
+    common = ["index", "build", str(image_folder), "--backbone", "tiny_cnn", "--weights", str(tiny_weights),
+              "--precision", "fp32"]  # fmt: skip
+    single = subprocess.run([sys.executable, "-m", "headstart", *common, "--out", str(tmp_path / "one"),
+                             "--cache-dir", str(tmp_path / "c1")], capture_output=True, text=True, env=env)  # fmt: skip
+    assert single.returncode == 0, single.stderr[-2000:]
+    multi = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "headstart", *common, "--out",
+                            str(tmp_path / "two"), "--cache-dir", str(tmp_path / "c2")],
+                           capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    assert multi.returncode == 0, multi.stderr[-3000:]
+    assert multi.stdout.count("indexed 30 images") == 1  # one rank reports (and writes)
+    one, two = ImageIndex.load(tmp_path / "one"), ImageIndex.load(tmp_path / "two")
+    assert len(one) == len(two) == 30
+    ids = np.arange(30)
+    np.testing.assert_allclose(two.vectors(ids), one.vectors(ids), rtol=0, atol=1e-5)
+    assert one.items == two.items  # same (path, label, digest) under the same ids: merged in input order
+    assert len(list((tmp_path / "c2").rglob("*.f32"))) == 30  # each rank embedded its share, every image once

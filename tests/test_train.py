@@ -128,3 +128,29 @@ def test_early_stopping_stops_after_patience(image_folder: Path, tiny_weights: P
     result = api.train(image_folder, strategy="finetune", weights=str(tiny_weights), epochs=6, lr=0.0,
                        early_stopping=2, out=str(tmp_path / "r"), cache_dir=str(tmp_path / "c"), **FAST)  # fmt: skip
     assert [row["epoch"] for row in result.history] == [0, 1, 2]
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager(
+    image_folder: Path, cache_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # torch.compile: the same training (to float tolerance), and plain state_dict keys in the saved model and the
+    # checkpoint, so predict, export and --resume need not know that the run was compiled.
+    import torch
+    import torch._inductor.config
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)  # eager's dropout masks, for the comparison
+    common = {"strategy": "scratch", "epochs": 2, "precision": "fp32", "cache_dir": str(cache_dir), **FAST}
+    eager = api.train(image_folder, out=str(tmp_path / "eager"), **common)
+    graphs = counters["stats"]["unique_graphs"]
+    compiled = api.train(image_folder, out=str(tmp_path / "compiled"), **{"run.compile": True}, **common)
+    assert counters["stats"]["unique_graphs"] > graphs  # dynamo really traced the network
+    keys = torch.load(tmp_path / "compiled" / "checkpoints" / "last.pt", weights_only=True)["model"].keys()
+    assert not any("_orig_mod" in k for k in keys)
+    losses = [[r["train_loss"] for r in run.history] for run in (eager, compiled)]
+    np.testing.assert_allclose(losses[1], losses[0], rtol=1e-4)
+    files = sorted(image_folder.rglob("*.jpg"))
+    probs = [api.load(tmp_path / name).predict_proba(files)[0] for name in ("eager", "compiled")]
+    assert len(files) == len(probs[0]) > 0
+    np.testing.assert_allclose(probs[1], probs[0], atol=1e-3)

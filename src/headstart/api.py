@@ -383,6 +383,7 @@ def _fit_network(
         channels_last=config.run.channels_last,
         checkpoint_every=config.run.checkpoint_every,
         class_weights=_class_weights(dataset, config.run.class_weights),
+        compile=config.run.compile,
     )
     if config.run.channels_last:
         model.to(memory_format=torch.channels_last)

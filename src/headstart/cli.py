@@ -54,6 +54,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run folder (default runs/<strategy>-<backbone>-<time>)")
     p.add_argument("--overwrite", action="store_true", default=None, help="replace an existing run folder")
     p.add_argument("--no-report", action="store_true", help="skip report.html (rebuild later: headstart report RUN)")
+    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the network (GPU speed)")
 
     p = sub.add_parser("evaluate", help="metrics of a trained model on a labelled split")
     p.add_argument("run", help="run folder of a trained model")
@@ -130,7 +131,11 @@ def _train(args: argparse.Namespace) -> int:
         cache_dir=args.cache_dir,
         out=args.out,
         overwrite=args.overwrite,
-        **{"run.checkpoint_every": args.checkpoint_every, "run.report": False if args.no_report else None},
+        **{
+            "run.checkpoint_every": args.checkpoint_every,
+            "run.report": False if args.no_report else None,
+            "run.compile": args.compile,
+        },
     )
     return _print_result(result)
 

@@ -139,6 +139,10 @@ def _index_build(args: argparse.Namespace) -> int:
         kind=args.kind, params={k: v for k, v in given.items() if v is not None}, batch_size=args.batch_size,
         precision=args.precision, cache_dir=args.cache_dir, overwrite=args.overwrite,
     )  # fmt: skip
+    from headstart.hardware import distributed
+
+    if distributed()[1] != 0:
+        return 0  # rank 0 reports
     params = ", ".join(f"{k}={v}" for k, v in index.params.items())
     print(f"indexed {len(index)} images ({index.dim}-d, {index.kind}{f' {params}' if params else ''}) "
           f"with {index.meta['backbone']} into {args.out}")  # fmt: skip

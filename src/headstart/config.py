@@ -69,6 +69,8 @@ class RunConfig:
     deterministic: bool = False  # deterministic kernels and single-threaded decoding: reproducible, slower
     precision: str = "auto"  # "auto" (bf16 autocast where the hardware has it), "bf16" or "fp32"
     channels_last: bool = True  # NHWC memory format; about 1.7x faster convolutions on CPU and tensor cores
+    compile: bool = False  # torch.compile (inductor) through Accelerate: faster GPU steps after a compile of tens of
+    # seconds, which small sets never earn back; needs a C++ compiler on a CPU
     class_weights: str = "none"  # "auto" weights the loss by inverse class frequency for imbalanced sets
     early_stopping: int = 0  # stop after this many epochs without a better val metric; 0 disables
     metric: str = "accuracy"  # validation metric that picks the best checkpoint: "accuracy" or "balanced_accuracy"

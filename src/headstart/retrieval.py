@@ -36,7 +36,7 @@ import numpy as np
 from headstart.backbones import DEFAULT_BACKBONE, Backbone, Preprocessing, create_backbone
 from headstart.data import DataError, ImageRecord, collect_files
 from headstart.embeddings import as_records, dataset_or_files, embed
-from headstart.hardware import pick_device, resolve_precision
+from headstart.hardware import distributed, pick_device, resolve_precision
 from headstart.models import atomic_write_bytes
 
 FORMAT_VERSION = 1
@@ -369,6 +369,10 @@ def build_index(
 ) -> tuple[ImageIndex, list[tuple[Path, str]]]:
     """Embed a dataset (every split) or image files through the feature cache and write an index folder.
 
+    Under ``torchrun``/``accelerate launch`` each process embeds its share of the images (see
+    :func:`headstart.embeddings.embed`), every process receives all vectors in input order, and rank 0 alone builds
+    and writes the index; the others return the same index unsaved.
+
     Args:
         data: a labelled dataset folder or CSV (labels are kept for evaluation), or image files and folders.
         out: index folder to write.
@@ -391,6 +395,7 @@ def build_index(
     records, _, classes = dataset_or_files(inputs)
     if not records:
         raise DataError(f"no images found in {[str(i) for i in inputs]}")
+    _, rank = distributed()  # before picking the device: a GPU launch gives each rank its own card
     model = _backbone(backbone, weights)
     meta = {
         "backbone": model.name,
@@ -404,7 +409,8 @@ def build_index(
     vectors, rows, failed = _embed(model, records, meta, batch_size, cache_dir)
     index = ImageIndex(model.num_features, kind, params, meta)
     index.add(vectors, [_describe(records[i], classes) for i in rows])
-    index.save(folder)
+    if rank == 0:
+        index.save(folder)
     return index, failed
 
 
@@ -445,17 +451,21 @@ def add_images(
 ) -> tuple[np.ndarray, list[tuple[Path, str]]]:
     """Embed image files with the index's backbone and add them in place (new persistent ids, no rebuild).
 
+    Sharded across the processes of a multi-process launch like :func:`build_index`; rank 0 writes.
+
     Returns:
         The new ids and the files that could not be read.
     """
     index = ImageIndex.load(index_dir)
+    _, rank = distributed()
     model = query_backbone(index)
     records = as_records(collect_files(inputs))
     if not records:
         raise DataError(f"no files found in {[str(i) for i in inputs]}")
     vectors, rows, failed = _embed(model, records, index.meta, batch_size, cache_dir)
     ids = index.add(vectors, [(str(records[i].path), label, records[i].digest) for i in rows])
-    index.save(index_dir)
+    if rank == 0:
+        index.save(index_dir)
     return ids, failed
 
 

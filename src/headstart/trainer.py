@@ -44,6 +44,7 @@ class LoopSettings:
     channels_last: bool  # NHWC inputs
     checkpoint_every: int = 0  # optimiser steps between mid-epoch checkpoints; 0: end of epoch only
     class_weights: tuple[float, ...] | None = None  # loss weight per class, None for uniform
+    compile: bool = False  # torch.compile the prepared (possibly DDP-wrapped) model; checkpoints stay plain
 
 
 @dataclass
@@ -100,6 +101,10 @@ class Trainer:
         self.model, self.optimizer, self.train_loader, self.val_loader = self.accelerator.prepare(
             model, optimizer, train_loader, val_loader
         )
+        if settings.compile:
+            # Here rather than through Accelerate's dynamo_backend: Accelerate keeps its state per process, so the
+            # first Accelerator's choice would silently apply to every later run in the same process.
+            self.model = torch.compile(self.model)
         self.steps_per_epoch = max(1, len(self.train_loader))
         self.total_steps = self.steps_per_epoch * settings.epochs
         self.warmup_steps = round(settings.warmup_epochs * self.steps_per_epoch)
@@ -115,6 +120,10 @@ class Trainer:
         self.stale = 0
         self._resume_totals: tuple[float, float, int] = (0.0, 0.0, 0)
 
+    def _plain_model(self) -> nn.Module:
+        """The model without DDP or torch.compile wrappers: its state_dict keys match the saved model's."""
+        return self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+
     # -- checkpoints -------------------------------------------------------------------------------------------------
 
     def _checkpoint_path(self) -> Path:
@@ -126,7 +135,7 @@ class Trainer:
         if not self.accelerator.is_main_process:
             return
         state = {
-            "model": self.accelerator.unwrap_model(self.model).state_dict(),
+            "model": self._plain_model().state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "step": self.step,
             "epoch": self.epoch,
@@ -150,7 +159,7 @@ class Trainer:
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: the run stopped before its first checkpoint; start it again")
         state = torch.load(path, map_location="cpu", weights_only=True)
-        self.accelerator.unwrap_model(self.model).load_state_dict(state["model"])
+        self._plain_model().load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.step, self.epoch = int(state["step"]), int(state["epoch"])
         self.best, self.best_epoch, self.stale = float(state["best"]), int(state["best_epoch"]), int(state["stale"])
@@ -272,7 +281,7 @@ class Trainer:
         if improved:
             self.best, self.best_epoch, self.stale = value, epoch, 0
             if self.accelerator.is_main_process:
-                self.on_best(self.accelerator.unwrap_model(self.model), metrics)
+                self.on_best(self._plain_model(), metrics)
         else:
             self.stale += 1
         compact = {k: v for k, v in row.items() if k not in ("per_class", "confusion_matrix", "classes")}
