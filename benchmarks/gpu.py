@@ -14,7 +14,8 @@ same run, and time to 0.95 val accuracy on ants/bees against the tutorial's fine
 4. Time to 0.95: the default finetune on ants/bees (seconds of training until the first epoch at >= 0.95 val
    accuracy, and the whole run's wall time), then the PyTorch tutorial's fine-tuning recipe on the same backbone (all
    layers trained, SGD lr 1e-3 momentum 0.9, batch 4, StepLR(7, 0.1), ``--tutorial-epochs`` epochs, torchvision
-   ImageFolder + RandomResizedCrop, 4 workers as in the tutorial): its best val accuracy and seconds until it first reaches 0.95.
+   ImageFolder + RandomResizedCrop, 4 workers as in the tutorial): its best val accuracy and seconds until it first
+   reaches 0.95.
 """
 
 from __future__ import annotations
