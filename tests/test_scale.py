@@ -150,21 +150,27 @@ def test_two_process_gloo_matches_one_process(image_folder: Path, tiny_weights: 
     assert [r["epoch"] for r in rows] == [0, 1, 2]
 
 
+def one_and_two_processes(command: list[str], tmp_path: Path) -> str:
+    """Run a headstart command as one process (``--out one``, cache ``c1``) and under torchrun with two (``two``,
+    ``c2``); returns the two-process run's stdout."""
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HEADSTART_QUIET": "1"}
+    single = subprocess.run([sys.executable, "-m", "headstart", *command, "--out", str(tmp_path / "one"),
+                             "--cache-dir", str(tmp_path / "c1")], capture_output=True, text=True, env=env)  # fmt: skip
+    assert single.returncode == 0, single.stderr[-2000:]
+    multi = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "headstart", *command, "--out",
+                            str(tmp_path / "two"), "--cache-dir", str(tmp_path / "c2")],
+                           capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    assert multi.returncode == 0, multi.stderr[-3000:]
+    return multi.stdout
+
+
 def test_embed_shards_across_two_processes_and_merges_in_order(image_folder: Path, tiny_weights: Path,
                                                                 tmp_path: Path) -> None:  # fmt: skip
     import numpy as np
 
-    torchrun = str(Path(sys.executable).parent / "torchrun")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HEADSTART_QUIET": "1"}
-    common = ["embed", str(image_folder), "--backbone", "tiny_cnn", "--weights", str(tiny_weights), "--precision",
-              "fp32"]  # fmt: skip
-    single = subprocess.run([sys.executable, "-m", "headstart", *common, "--out", str(tmp_path / "one"),
-                             "--cache-dir", str(tmp_path / "c1")], capture_output=True, text=True, env=env)  # fmt: skip
-    assert single.returncode == 0, single.stderr[-2000:]
-    multi = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "headstart", *common, "--out",
-                            str(tmp_path / "two"), "--cache-dir", str(tmp_path / "c2")],
-                           capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
-    assert multi.returncode == 0, multi.stderr[-3000:]
+    one_and_two_processes(["embed", str(image_folder), "--backbone", "tiny_cnn", "--weights", str(tiny_weights),
+                           "--precision", "fp32"], tmp_path)  # fmt: skip
     one, two = np.load(tmp_path / "one" / "embeddings.npy"), np.load(tmp_path / "two" / "embeddings.npy")
     assert one.shape == two.shape == (30, 64)
     np.testing.assert_allclose(two, one, rtol=0, atol=1e-5)
@@ -178,18 +184,9 @@ def test_index_build_shards_across_two_processes(image_folder: Path, tiny_weight
 
     from headstart.retrieval import ImageIndex
 
-    torchrun = str(Path(sys.executable).parent / "torchrun")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HEADSTART_QUIET": "1"}
-    common = ["index", "build", str(image_folder), "--backbone", "tiny_cnn", "--weights", str(tiny_weights),
-              "--precision", "fp32"]  # fmt: skip
-    single = subprocess.run([sys.executable, "-m", "headstart", *common, "--out", str(tmp_path / "one"),
-                             "--cache-dir", str(tmp_path / "c1")], capture_output=True, text=True, env=env)  # fmt: skip
-    assert single.returncode == 0, single.stderr[-2000:]
-    multi = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "headstart", *common, "--out",
-                            str(tmp_path / "two"), "--cache-dir", str(tmp_path / "c2")],
-                           capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
-    assert multi.returncode == 0, multi.stderr[-3000:]
-    assert multi.stdout.count("indexed 30 images") == 1  # one rank reports (and writes)
+    out = one_and_two_processes(["index", "build", str(image_folder), "--backbone", "tiny_cnn", "--weights",
+                                 str(tiny_weights), "--precision", "fp32"], tmp_path)  # fmt: skip
+    assert out.count("indexed 30 images") == 1  # one rank reports (and writes)
     one, two = ImageIndex.load(tmp_path / "one"), ImageIndex.load(tmp_path / "two")
     assert len(one) == len(two) == 30
     ids = np.arange(30)
