@@ -134,7 +134,8 @@ def embed(
         device: where to run; default CUDA > MPS > CPU.
         cache_root: cache folder root; default :func:`default_cache_root`.
         use_cache: read and fill the cache.
-        workers: decoding processes; -1 picks (see :func:`headstart.hardware.decode_workers`).
+        workers: worker processes; -1 picks (on a multi-core CPU one per core, each decoding and computing; see
+            :func:`headstart.inference.run_model`); 0 does everything in this process.
         channels_last: NHWC memory format, faster for convolutions.
         l2_normalize: return unit-length rows (cosine geometry for retrieval).
         description: label of the progress bar.

@@ -42,6 +42,8 @@ class _Forward:
         self.channels_last = channels_last
 
     def __call__(self, images: torch.Tensor, device: torch.device) -> torch.Tensor:
+        # Only the forward runs in inference mode: moving the module to channels-last inside it would turn its
+        # parameters into inference tensors that can no longer be trained.
         with torch.inference_mode():
             x = normalize(images.to(device, non_blocking=True), self.prep)
             if self.channels_last:
