@@ -16,7 +16,6 @@ Prints accuracy and wall time of each and the speed-ups.
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import subprocess
 import sys
@@ -26,6 +25,8 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("HEADSTART_QUIET", "1")
+
+from tutorial import tutorial_recipe  # benchmarks/tutorial.py, beside this script
 
 PROBE = textwrap.dedent(
     """
@@ -59,58 +60,6 @@ def timed(command: list[str]) -> tuple[float, str]:
     return time.perf_counter() - tic, proc.stdout
 
 
-def tutorial(data: Path, epochs: int) -> tuple[float, float]:
-    """The tutorial's fixed-feature-extractor recipe; returns (best val accuracy, seconds)."""
-    import torch
-    import torchvision.transforms as T
-    from torch import nn
-    from torchvision.datasets import ImageFolder
-
-    from headstart.backbones import create_backbone
-
-    tic = time.perf_counter()
-    torch.manual_seed(0)
-    norm = T.Normalize([0.5] * 3, [0.5] * 3)
-    train_tf = T.Compose([T.RandomResizedCrop(224), T.RandomHorizontalFlip(), T.ToTensor(), norm])
-    val_tf = T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(), norm])
-    valid = lambda p: not p.endswith(".gif")  # noqa: E731 - the tutorial's set has a placeholder GIF
-    loaders = {
-        "train": torch.utils.data.DataLoader(
-            ImageFolder(str(data / "train"), train_tf, is_valid_file=valid), batch_size=4, shuffle=True, num_workers=1
-        ),
-        "val": torch.utils.data.DataLoader(
-            ImageFolder(str(data / "val"), val_tf, is_valid_file=valid), batch_size=4, num_workers=1
-        ),
-    }
-    backbone = create_backbone().eval()
-    for p in backbone.parameters():
-        p.requires_grad = False
-    head = nn.Linear(backbone.num_features, 2)
-    optimizer = torch.optim.SGD(head.parameters(), lr=1e-3, momentum=0.9)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=7, gamma=0.1)
-    best, best_state = 0.0, None
-    for _ in range(epochs):
-        for phase in ("train", "val"):
-            head.train(phase == "train")
-            correct = total = 0
-            for x, y in loaders[phase]:
-                with torch.set_grad_enabled(phase == "train"):
-                    logits = head(backbone(x))
-                    loss = nn.functional.cross_entropy(logits, y)
-                    if phase == "train":
-                        optimizer.zero_grad()
-                        loss.backward()
-                        optimizer.step()
-                correct += int((logits.argmax(1) == y).sum())
-                total += len(y)
-            if phase == "train":
-                scheduler.step()
-            elif correct / total > best:
-                best, best_state = correct / total, copy.deepcopy(head.state_dict())
-    del best_state
-    return best, time.perf_counter() - tic
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, help="ants/bees folder (default: found or downloaded)")
@@ -130,7 +79,9 @@ def main() -> None:
         warm_acc = float(out.split("val accuracy ")[1].split()[0])
         probe_s, out = timed([python, "-c", PROBE, str(data)])
         probe_acc = float(out.split("ACCURACY")[1])
-    tut_acc, tut_s = tutorial(data, args.tutorial_epochs) if args.tutorial_epochs else (float("nan"), float("nan"))
+    tut_acc, tut_s = float("nan"), float("nan")
+    if args.tutorial_epochs:
+        tut_acc, _, tut_s = tutorial_recipe(data, args.tutorial_epochs, finetune=False)
     print(f"{'method':<52}{'val acc':>9}{'wall s':>9}")
     rows = [
         ("headstart extract, cold (process start, empty cache)", cold_acc, cold_s),

@@ -38,6 +38,7 @@ from headstart.data import load_dataset, normalize
 from headstart.datasets import hymenoptera
 from headstart.embeddings import embed
 from headstart.hardware import autocast, tune_allocator
+from tutorial import tutorial_recipe  # benchmarks/tutorial.py, beside this script
 
 
 def sync(device: torch.device) -> None:
@@ -93,52 +94,6 @@ def repeated_manifest(data: Path, repeat: int, path: Path) -> Path:
     return path
 
 
-def tutorial_finetune(data: Path, epochs: int, device: torch.device) -> tuple[float, float, float]:
-    """The tutorial's fine-tuning recipe; (best val accuracy, seconds to first reach 0.95 or nan, total seconds)."""
-    import torchvision.transforms as T
-    from torchvision.datasets import ImageFolder
-
-    torch.manual_seed(0)
-    tic = time.perf_counter()
-    norm = T.Normalize([0.5] * 3, [0.5] * 3)
-    train_tf = T.Compose([T.RandomResizedCrop(224), T.RandomHorizontalFlip(), T.ToTensor(), norm])
-    val_tf = T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(), norm])
-    valid = lambda p: not p.endswith(".gif")  # noqa: E731 - the tutorial's set has a placeholder GIF
-    workers = min(4, os.cpu_count() or 1)
-    loaders = {
-        "train": torch.utils.data.DataLoader(ImageFolder(str(data / "train"), train_tf, is_valid_file=valid),
-                                             batch_size=4, shuffle=True, num_workers=workers),
-        "val": torch.utils.data.DataLoader(ImageFolder(str(data / "val"), val_tf, is_valid_file=valid),
-                                           batch_size=4, num_workers=workers),
-    }  # fmt: skip
-    backbone = create_backbone()
-    model = nn.Sequential(backbone, nn.Linear(backbone.num_features, 2)).to(device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=7, gamma=0.1)
-    best, reached = 0.0, float("nan")
-    for _ in range(epochs):
-        for phase in ("train", "val"):
-            model.train(phase == "train")
-            correct = total = 0
-            for x, y in loaders[phase]:
-                x, y = x.to(device), y.to(device)
-                with torch.set_grad_enabled(phase == "train"):
-                    logits = model(x)
-                    if phase == "train":
-                        optimizer.zero_grad()
-                        nn.functional.cross_entropy(logits, y).backward()
-                        optimizer.step()
-                correct += int((logits.argmax(1) == y).sum())
-                total += len(y)
-            if phase == "train":
-                scheduler.step()
-            else:
-                best = max(best, correct / total)
-                if best >= 0.95 and reached != reached:
-                    reached = time.perf_counter() - tic
-    return best, reached, time.perf_counter() - tic
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, help="ants/bees folder (default: found or downloaded)")
@@ -188,7 +143,8 @@ def main() -> None:
               f"training seconds to >= 0.95: {reached:.1f} (epoch 0 is the head on frozen features); "
               f"whole run {wall:.1f} s")  # fmt: skip
     if args.tutorial_epochs:
-        best, to95, total = tutorial_finetune(data, args.tutorial_epochs, device)
+        workers = min(4, os.cpu_count() or 1)  # the tutorial's 4 loader workers, where the cores exist
+        best, to95, total = tutorial_recipe(data, args.tutorial_epochs, finetune=True, device=device, workers=workers)
         print(f"tutorial fine-tuning recipe: best val {best:.4f}; seconds to >= 0.95: {to95:.1f}; "
               f"{args.tutorial_epochs} epochs {total:.1f} s")  # fmt: skip
 
