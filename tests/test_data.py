@@ -4,6 +4,7 @@ come before any work, CSV manifests and stratified splits behave, and the datase
 from __future__ import annotations
 
 import io
+import json
 import struct
 import zlib
 from collections import Counter
@@ -420,3 +421,36 @@ def test_a_unique_line_drawing_is_kept_but_a_repeated_blank_file_is_a_placeholde
     reasons = {s.path.name: s.reason for s in dataset.skipped}
     assert set(reasons) == {"download_a.png", "download_b.png"}
     assert all("appears 2 times" in reason for reason in reasons.values())
+
+
+# -- scan cache --------------------------------------------------------------------------------------------------------
+
+
+def test_a_second_scan_decodes_nothing_and_finds_the_same(
+    folder_factory: Callable[..., Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import headstart.data as data
+
+    root = folder_factory("scanned", {"train": 4, "val": 2}).resolve()
+    _bad_files(root / "train" / "horizontal")
+    cache = tmp_path / "cache"
+    first = load_dataset(root, cache_root=cache)
+    assert first == load_dataset(root)  # the cache changes nothing about the result
+    decoded: list[Path] = []
+    real_facts = data._facts
+    monkeypatch.setattr(data, "_facts", lambda blob, path: decoded.append(path) or real_facts(blob, path))
+    second = load_dataset(root, cache_root=cache)
+    assert decoded == [] and second == first  # bad files too: their reasons come back from the cache
+    # An edited file has new bytes, so a new digest: it alone is decoded again.
+    edited = first.train[0].path
+    stripes(1, np.random.default_rng(7)).save(edited)
+    third = load_dataset(root, cache_root=cache)
+    assert decoded == [edited]
+    assert third.train[0].digest != first.train[0].digest and third.train[1:] == first.train[1:]
+    # A damaged cache file is ignored, never half-read.
+    (scan_file,) = (cache / "scans").iterdir()
+    scan_file.write_text('{"version": "1/')
+    decoded.clear()
+    assert load_dataset(root, cache_root=cache) == third
+    assert set(decoded) == {p for p in root.rglob("*") if p.is_file() and p.name != "empty.jpg"}  # all decoded again
+    assert json.loads(scan_file.read_text())["files"]  # and rewritten whole

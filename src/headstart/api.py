@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 from headstart import config as cfg
 from headstart import progress
 from headstart.audit import quick_audit
-from headstart.backbones import Preprocessing, create_backbone
+from headstart.backbones import Backbone, Preprocessing, create_backbone
 from headstart.config import TrainConfig
 from headstart.data import (
     DataError,
@@ -45,7 +45,16 @@ from headstart.evaluate import classification_metrics
 from headstart.hardware import decode_workers, pick_device, resolve_precision
 from headstart.heads import fit_knn, fit_logistic, predict_proba
 from headstart.inference import Outputs, run_model
-from headstart.models import Classifier, atomic_write_bytes, load_classifier, save_classifier
+from headstart.models import (
+    Classifier,
+    atomic_write_bytes,
+    classifier_tensors,
+    load_classifier,
+    read_model_info,
+    save_classifier,
+    write_classifier,
+)
+from headstart.prepared import PreparedBackbone, load_backbone
 from headstart.strategies import apply_bn_policy, param_groups, resolve_optim, resolve_preprocessing
 from headstart.trainer import EpochSampler, LoopSettings, Trainer, make_accelerator
 
@@ -85,7 +94,9 @@ class TrainResult:
     config: TrainConfig
     history: list[dict[str, Any]] = field(default_factory=list)
     test_metrics: dict[str, Any] | None = None
-    model: Classifier | None = None  # the final (last-epoch) model in memory; the run folder holds the best one
+    # The final (last-epoch) model in memory; the run folder holds the best one. None for an extract run served
+    # entirely from the caches: it never built the network (``load(run_dir)`` does).
+    model: Classifier | None = None
 
 
 def build_config(data: str | Path | None = None, config: TrainConfig | None = None, **overrides: Any) -> TrainConfig:
@@ -180,16 +191,21 @@ def train(
     precision = resolve_precision(config.run.precision, device)
     _seed_everything(config.run.seed, config.run.deterministic)
     run_dir = Path(str(config.run.out)) if _resume else _run_dir(config, is_main)
-    dataset = load_dataset(config.data.path, config.data.val_fraction, config.data.split_seed)
+    cache_root = default_cache_root(config.run.cache_dir)
+    dataset = load_dataset(config.data.path, config.data.val_fraction, config.data.split_seed, cache_root)
     _report_data(dataset, run_dir, is_main)
     if config.run.audit and is_main:
         for warning in quick_audit(dataset):
             progress.log(f"[yellow]{warning}")
-    backbone = create_backbone(
-        config.model.backbone, pretrained=config.strategy != "scratch", weights=config.model.weights
-    )
+    backbone: Backbone | PreparedBackbone
+    if config.strategy == "extract":  # its stored description: a run served from the feature cache builds no network
+        backbone = load_backbone(config.model.backbone, config.model.weights, cache_root)
+    else:
+        backbone = create_backbone(
+            config.model.backbone, pretrained=config.strategy != "scratch", weights=config.model.weights
+        )
     backbone.preprocessing = resolve_preprocessing(config.strategy, backbone.preprocessing, config.model.input_size)
-    model = Classifier(backbone, len(dataset.classes), config.model.drop_rate)
+    num_classes = len(dataset.classes)
     if is_main and not _resume:
         cfg.save_yaml(config, run_dir / "config.yaml")
     meta: dict[str, Any] = {
@@ -207,32 +223,42 @@ def train(
         assert isinstance(best, Classifier)
         save_classifier(best, run_dir, {**meta, "val_metrics": _summary(metrics)})
 
-    result = TrainResult(run_dir, {}, 0.0, config, model=model)
-    baseline = None
+    result = TrainResult(run_dir, {}, 0.0, config)
+    head, baseline = None, None
     if config.strategy in ("extract", "finetune") and not _resume:  # a resumed run's head is in its checkpoint
         if not is_main and accelerator is None:
             return result  # extract under a multi-process launcher: rank 0 does the (seconds-long) work
-        baseline = _fit_head(model, dataset, config, precision, device, is_main)
-    if config.strategy == "extract" and baseline is not None:
-        model.freeze_backbone()
-        on_best(model, baseline)
+        head, baseline = _fit_head(backbone, num_classes, dataset, config, precision, device, is_main)
+    if config.strategy == "extract" and head is not None and baseline is not None:
+        tensors = classifier_tensors(backbone.state_dict(), head)
+        summary = {**meta, "val_metrics": _summary(baseline)}
+        write_classifier(run_dir, backbone, tensors, head, num_classes, config.model.drop_rate, summary)
+        network = backbone if isinstance(backbone, Backbone) else backbone.built
+        if network is not None:
+            result.model = Classifier(network, num_classes, config.model.drop_rate, head=head)
+            result.model.freeze_backbone()
         entry = {"epoch": 0, "phase": "head", **_summary(baseline), **baseline.pop("head_info")}
         (run_dir / "metrics.jsonl").write_text(json.dumps(entry) + "\n")
         result.history = [entry]
         # The model's head runs in fp32 on the same features, so these are the saved model's own metrics.
         result.metrics = baseline
     if accelerator is not None:
+        assert isinstance(backbone, Backbone)  # finetune and scratch build theirs above
+        result.model = Classifier(backbone, num_classes, config.model.drop_rate, head=head)
         result.history = _fit_network(
-            model, dataset, config, precision, accelerator, run_dir, on_best, baseline, resume=_resume
+            result.model, dataset, config, precision, accelerator, run_dir, on_best, baseline, resume=_resume
         )
         accelerator.wait_for_everyone()
     if is_main:
-        loaded = load(run_dir)  # the best checkpoint, measured through the same path as `headstart evaluate`
-        if accelerator is not None:
+        # The best checkpoint, measured through the same path as `headstart evaluate`. An extract run's val metrics
+        # already are its saved model's, so without a test split it skips rebuilding the network.
+        reload = accelerator is not None or bool(dataset.test)
+        loaded = load(run_dir) if reload else None
+        if loaded is not None and accelerator is not None:
             result.metrics = loaded.evaluate(dataset, split="val")
-        if dataset.test:
+        if loaded is not None and dataset.test:
             result.test_metrics = loaded.evaluate(dataset, split="test")
-        info = loaded.info
+        info = loaded.info if loaded is not None else read_model_info(run_dir)
         info["val_metrics"] = _summary(result.metrics)
         info["test_metrics"] = _summary(result.test_metrics) if result.test_metrics else None
         info["train_seconds"] = round(time.perf_counter() - tic, 2)
@@ -289,9 +315,10 @@ def _class_weights(dataset: Dataset, mode: str) -> tuple[float, ...] | None:
 
 
 def _fit_head(
-    model: Classifier, dataset: Dataset, config: TrainConfig, precision: str, device: torch.device, show: bool
-) -> dict[str, Any]:
-    """Train the new head on cached frozen features; returns its validation metrics (epoch 0)."""
+    backbone: Backbone | PreparedBackbone, num_classes: int, dataset: Dataset, config: TrainConfig, precision: str,
+    device: torch.device, show: bool,
+) -> tuple[torch.nn.Module, dict[str, Any]]:  # fmt: skip
+    """Train a new head on cached frozen features; returns it and its validation metrics (epoch 0)."""
     optim = config.optim
     common: dict[str, Any] = {
         "batch_size": config.data.batch_size,
@@ -301,7 +328,7 @@ def _fit_head(
         "workers": config.data.num_workers,
         "channels_last": config.run.channels_last,
     }
-    both = embed(model.backbone, dataset.train + dataset.val, description="features", **common)
+    both = embed(backbone, dataset.train + dataset.val, description="features", **common)
     n_train = len(dataset.train)
     in_train = both.index < n_train
     tr = Embeddings(both.features[in_train], both.index[in_train])
@@ -311,10 +338,10 @@ def _fit_head(
     for k in range(optim.augment_views or 0):
         torch.manual_seed(config.run.seed * 1000 + k)
         view = embed(
-            model.backbone,
+            backbone,
             [dataset.train[i] for i in tr.index],
             view=f"aug-light-s{config.run.seed}-{k}",
-            augment=train_augment(model.backbone.preprocessing, "light"),
+            augment=train_augment(backbone.preprocessing, "light"),
             description=f"features (view {k + 1})",
             **common,
         )
@@ -324,18 +351,19 @@ def _fit_head(
     class_weight = "balanced" if config.run.class_weights == "auto" else None
     tic = time.perf_counter()
     info: dict[str, Any]
+    head: torch.nn.Module
     if optim.head == "knn":
-        model.head = fit_knn(features, labels, len(dataset.classes), k=optim.knn_k or 10)
+        head = fit_knn(features, labels, num_classes, k=optim.knn_k or 10)
         info = {"head": "knn", "k": optim.knn_k}
     else:
-        model.head, fitted = fit_logistic(
-            features, labels, len(dataset.classes), c=optim.head_c, class_weight=class_weight,
-            seed=config.run.seed, groups=groups,
+        head, fitted = fit_logistic(
+            features, labels, num_classes, c=optim.head_c, class_weight=class_weight, seed=config.run.seed,
+            groups=groups,
         )  # fmt: skip
         info = {"head": "logistic", **fitted}
     info["head_seconds"] = round(time.perf_counter() - tic, 3)
     info["feature_cache_hits"] = both.hits
-    probs = predict_proba(model.head, va.features)
+    probs = predict_proba(head, va.features)
     val_labels = np.array([dataset.val[i].label for i in va.index])
     metrics = classification_metrics(val_labels, probs, dataset.classes)
     metrics["loss"] = float(-np.log(np.clip(probs[np.arange(len(val_labels)), val_labels], 1e-12, 1.0)).mean())
@@ -345,7 +373,7 @@ def _fit_head(
             f"head on frozen features: val accuracy {metrics['accuracy']:.4f} "
             f"({info.get('head')}, C={info.get('C', '-')}, {both.hits} cached, {both.computed} computed)"
         )
-    return metrics
+    return head, metrics
 
 
 def _fit_network(

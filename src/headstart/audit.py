@@ -360,17 +360,14 @@ def label_issues(
         from cleanlab.filter import find_label_issues
     except ImportError as error:  # pragma: no cover - cleanlab is a declared dependency
         raise ImportError("label-error detection needs cleanlab: pip install 'headstart[audit]'") from error
-    from sklearn.model_selection import StratifiedGroupKFold
-
-    from headstart.heads import choose_c, fit_logistic, predict_proba
+    from headstart.heads import choose_c, fit_logistic, group_folds, predict_proba
 
     groups = np.arange(len(labels)) if fold_groups is None else fold_groups
     num_classes = int(labels.max()) + 1
     folds = max(2, min(folds, int(np.bincount(labels).min())))
     c, _ = choose_c(features, labels, folds=folds, seed=seed, groups=groups)
     probs = np.zeros((len(labels), num_classes))
-    splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
-    for train_idx, test_idx in splitter.split(features, labels, groups):
+    for train_idx, test_idx in group_folds(labels, groups, folds, seed):
         head, _ = fit_logistic(features[train_idx], labels[train_idx], num_classes, c=c)
         probs[test_idx] = predict_proba(head, features[test_idx])
     issues = find_label_issues(labels, probs, return_indices_ranked_by="self_confidence")

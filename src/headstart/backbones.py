@@ -11,6 +11,10 @@ Names resolve in this order:
 
 Weights come, in order, from an explicit file, a bundled package, then the hub (timm/Hugging Face or torchvision
 URLs). With no weights reachable the error names the options; a random initialisation is never silent.
+
+timm and torchvision are imported by the functions that build or list networks, not by this module: importing them
+takes about 2.5 s on a small CPU (torchvision pulls in torch._dynamo), and a run served from the feature cache builds
+no network.
 """
 
 from __future__ import annotations
@@ -24,9 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import timm
 import torch
-import torchvision
 from torch import nn
 
 from headstart.weights import BUNDLED, bundled_path, load_into, read_state_dict
@@ -112,11 +114,16 @@ class Backbone(nn.Module):
 
     def fingerprint(self) -> str:
         """Hash of the architecture name and every weight, so caches notice any change of weights."""
-        digest = hashlib.blake2b(self.name.encode(), digest_size=16)
-        for key, tensor in sorted(self.state_dict().items()):
-            digest.update(key.encode())
-            digest.update(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-        return digest.hexdigest()
+        return fingerprint_tensors(self.name, self.state_dict())
+
+
+def fingerprint_tensors(name: str, tensors: dict[str, torch.Tensor]) -> str:
+    """Hash of a backbone name and its named tensors (what :meth:`Backbone.fingerprint` returns)."""
+    digest = hashlib.blake2b(name.encode(), digest_size=16)
+    for key, tensor in sorted(tensors.items()):
+        digest.update(key.encode())
+        digest.update(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 # -- prefixes registered by other modules (e.g. ``ae:`` for autoencoders) -----------------------------------------
@@ -156,6 +163,8 @@ class TinyCNN(nn.Module):
 
 
 def _timm_preprocessing(net: nn.Module) -> Preprocessing:
+    import timm
+
     cfg = timm.data.resolve_data_config({}, model=net)
     size = int(cfg["input_size"][-1])
     return Preprocessing(
@@ -168,6 +177,8 @@ def _timm_preprocessing(net: nn.Module) -> Preprocessing:
 
 
 def _torchvision_preprocessing(arch: str) -> Preprocessing:
+    import torchvision
+
     weights_enum = torchvision.models.get_model_weights(arch)
     transform = weights_enum.DEFAULT.transforms()
     return Preprocessing(
@@ -243,6 +254,8 @@ def build_network(
         return tiny, tiny.num_features, prep, source
     if name.startswith(TORCHVISION_PREFIX):
         return _torchvision_network(name[len(TORCHVISION_PREFIX) :], pretrained, weights, num_classes)
+    import timm
+
     arch = name
     bundle = BUNDLED.get(name)
     if bundle is not None:
@@ -276,6 +289,8 @@ def build_network(
 def _torchvision_network(
     arch: str, pretrained: bool, weights: str | None, num_classes: int | None
 ) -> tuple[nn.Module, int, Preprocessing, str]:
+    import torchvision
+
     valid = torchvision.models.list_models(module=torchvision.models)
     if arch not in valid:
         raise BackboneError(f"unknown torchvision model {arch!r}; valid: {', '.join(valid)}")
@@ -310,6 +325,9 @@ def _torchvision_network(
 
 def offline_weights(name: str) -> bool:
     """Whether ``name`` can get pretrained weights without the network (bundled package or filled hub cache)."""
+    import timm
+    import torchvision
+
     bundle = BUNDLED.get(name)
     if bundle is not None:
         return bundled_path(bundle, verify=False) is not None
@@ -339,6 +357,9 @@ def offline_weights(name: str) -> bool:
 
 def list_backbones(all_models: bool = False) -> list[tuple[str, bool, str]]:
     """(name, offline weights available, description) for the popular names, or for every known model."""
+    import timm
+    import torchvision
+
     names = list(POPULAR)
     if all_models:
         names += [n for n in timm.list_models(pretrained=True) if n not in POPULAR]

@@ -81,11 +81,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
     p.add_argument("--no-cache", action="store_true", help="neither read nor fill the feature cache")
-    p.add_argument("--cache-dir", help="feature cache folder")
+    p.add_argument("--cache-dir", help="cache folder (default $HEADSTART_CACHE or ~/.cache/headstart)")
 
-    p = sub.add_parser("cache", help="inspect or clear the feature cache")
+    p = sub.add_parser("cache", help="inspect or clear the caches (features, prepared backbones, dataset scans)")
     p.add_argument("action", choices=["info", "clear"])
-    p.add_argument("--cache-dir", help="feature cache folder")
+    p.add_argument("--cache-dir", help="cache folder (default $HEADSTART_CACHE or ~/.cache/headstart)")
 
     p = sub.add_parser("demo", help="ants vs bees: compare extract, finetune and scratch, with reports")
     p.add_argument("--out", default="runs/demo", help="comparison folder (default runs/demo)")
@@ -237,12 +237,13 @@ def _cache(args: argparse.Namespace) -> int:
 
     root = Path(args.cache_dir) if args.cache_dir else None
     if args.action == "clear":
-        print(f"removed {cache_clear(root)} cached feature vectors from {default_cache_root(root)}")
+        print(f"removed {cache_clear(root)} cache entries from {default_cache_root(root)}")
         return 0
     rows = cache_info(root)
-    print(f"feature cache at {default_cache_root(root)}")
+    print(f"cache at {default_cache_root(root)}")
     for name, entries, size in rows:
-        print(f"  {name}: {entries} vectors, {size / 2**20:.1f} MiB")
+        kind = "vectors" if not name.endswith("/") else "files"
+        print(f"  {name}: {entries} {kind}, {size / 2**20:.1f} MiB")
     if not rows:
         print("  (empty)")
     return 0

@@ -24,6 +24,7 @@ from headstart.data import ImageRecord, content_digest
 from headstart.hardware import distributed, pick_device, resolve_precision
 from headstart.inference import run_model
 from headstart.models import atomic_write_bytes
+from headstart.prepared import PreparedBackbone, load_backbone
 
 _CRC = struct.Struct("<I")
 
@@ -70,7 +71,7 @@ class FeatureCache:
         atomic_write_bytes(self._path(digest), body + _CRC.pack(zlib.crc32(body)))
 
 
-def cache_key(backbone: Backbone, precision: str, view: str = "center") -> str:
+def cache_key(backbone: Backbone | PreparedBackbone, precision: str, view: str = "center") -> str:
     """Folder name for a backbone's features: weights fingerprint, preprocessing, precision and view."""
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in backbone.name)[:40]
     return f"{safe}-{backbone.fingerprint()[:16]}-{backbone.preprocessing.key()}-{precision}-{view}"
@@ -109,7 +110,7 @@ def as_records(items: Sequence[ImageRecord] | Sequence[Path]) -> list[ImageRecor
 
 
 def embed(
-    backbone: Backbone,
+    backbone: Backbone | PreparedBackbone,
     items: Sequence[ImageRecord] | Sequence[Path],
     *,
     batch_size: int = 32,
@@ -127,7 +128,8 @@ def embed(
     """Features of every image, from the cache where possible.
 
     Args:
-        backbone: the feature network (its preprocessing is used).
+        backbone: the feature network (its preprocessing is used), or its stored description, which builds the
+            network only when some image is not in the cache.
         items: image records (from a data scan) or file paths.
         batch_size: images per forward pass.
         precision: ``auto``, ``bf16`` or ``fp32``.
@@ -151,20 +153,21 @@ def embed(
     cache = (
         FeatureCache(default_cache_root(cache_root), cache_key(backbone, precision, view), dim) if use_cache else None
     )
-    todo: list[int] = []
-    for i, record in enumerate(records):
-        vector = cache.get(record.digest) if cache is not None else None
-        if vector is None:
-            todo.append(i)
-        else:
-            features[i] = vector
-            ok[i] = True
+    todo = _lookup(cache, records, features, ok)
+    network = backbone
+    if todo and isinstance(backbone, PreparedBackbone):
+        network = backbone.network()
+        if cache is not None and cache_key(backbone, precision, view) != cache.folder.name:  # stored entry was stale
+            cache = FeatureCache(default_cache_root(cache_root), cache_key(backbone, precision, view), dim)
+            ok[:] = False
+            todo = _lookup(cache, records, features, ok)
     failed: list[tuple[Path, str]] = []
     world, rank = distributed()
     if todo:
+        assert isinstance(network, Backbone)
         mine = todo[rank::world]  # under a multi-process launch each rank embeds its share of the misses
         computed = run_model(
-            backbone, [records[i] for i in mine], backbone.preprocessing, dim, batch_size=batch_size,
+            network, [records[i] for i in mine], backbone.preprocessing, dim, batch_size=batch_size,
             precision=precision, device=device, workers=workers, channels_last=channels_last, description=description,
             augment=augment,
         )  # fmt: skip
@@ -191,25 +194,43 @@ def embed(
     return Embeddings(out, index, failed, hits=len(records) - len(todo), computed=len(todo) - len(failed))
 
 
+def _lookup(cache: FeatureCache | None, records: list[ImageRecord], features: np.ndarray, ok: np.ndarray) -> list[int]:
+    """Fill ``features``/``ok`` from the cache; returns the positions still to compute."""
+    todo: list[int] = []
+    for i, record in enumerate(records):
+        vector = cache.get(record.digest) if cache is not None else None
+        if vector is None:
+            todo.append(i)
+        else:
+            features[i] = vector
+            ok[i] = True
+    return todo
+
+
 def cache_info(cache_root: Path | None = None) -> list[tuple[str, int, int]]:
-    """(folder, entries, bytes) of every feature-cache folder."""
-    base = default_cache_root(cache_root) / "features"
+    """(folder, entries, bytes) of every feature-cache folder, then of the stored backbones and dataset scans."""
+    root = default_cache_root(cache_root)
     rows = []
-    if base.is_dir():
-        for folder in sorted(p for p in base.iterdir() if p.is_dir()):
+    if (root / "features").is_dir():
+        for folder in sorted(p for p in (root / "features").iterdir() if p.is_dir()):
             files = list(folder.rglob("*.f32"))
             rows.append((folder.name, len(files), sum(f.stat().st_size for f in files)))
+    for name, pattern in (("backbones", "*.safetensors"), ("scans", "*.json")):
+        files = sorted((root / name).glob(pattern)) if (root / name).is_dir() else []
+        if files:
+            rows.append((f"{name}/", len(files), sum(f.stat().st_size for f in files)))
     return rows
 
 
 def cache_clear(cache_root: Path | None = None) -> int:
-    """Delete every cached feature; returns how many entries were removed."""
+    """Delete every cached feature vector, stored backbone and dataset scan; returns how many entries were removed."""
     import shutil
 
-    base = default_cache_root(cache_root) / "features"
+    root = default_cache_root(cache_root)
     count = sum(n for _, n, _ in cache_info(cache_root))
-    if base.is_dir():
-        shutil.rmtree(base)
+    for name in ("features", "backbones", "scans"):
+        if (root / name).is_dir():
+            shutil.rmtree(root / name)
     return count
 
 
@@ -259,13 +280,15 @@ def write_embeddings(
     from headstart.backbones import create_backbone
 
     records, splits, classes = dataset_or_files(inputs)
-    model = create_backbone(backbone, pretrained=True, weights=weights)
+    root = default_cache_root(cache_dir)
+    # With the cache on, the stored description serves: the network is built only for images not in the cache.
+    model = load_backbone(backbone, weights, root) if use_cache else create_backbone(backbone, weights=weights)
     _, rank = distributed()  # before picking the device: a GPU launch gives each rank its own card
     device = pick_device()
     resolved = resolve_precision(precision, device)
     result = embed(
         model, records, batch_size=batch_size, precision=resolved, device=device, use_cache=use_cache,
-        cache_root=Path(cache_dir) if cache_dir else None, l2_normalize=l2_normalize,
+        cache_root=root, l2_normalize=l2_normalize,
     )  # fmt: skip
     if rank != 0:
         return result  # every rank holds the merged result; one writes it

@@ -5,11 +5,30 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from sklearn import metrics as skm
+
+
+def confusion_matrix(labels: np.ndarray, preds: np.ndarray, num_classes: int) -> np.ndarray:
+    """Counts [C, C]: rows are true classes, columns predicted ones."""
+    flat = np.asarray(labels, dtype=np.int64) * num_classes + np.asarray(preds, dtype=np.int64)
+    return np.bincount(flat, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def binary_roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Area under the ROC curve of scores for class 1: the Mann-Whitney statistic, ties counted as one half."""
+    labels = np.asarray(labels)
+    _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
+    below = np.cumsum(counts) - counts  # scores strictly lower than each distinct value
+    ranks = (below + (counts + 1) / 2.0)[inverse]  # average rank (1-based) of every score
+    positives = int((labels == 1).sum())
+    negatives = len(labels) - positives
+    return float((ranks[labels == 1].sum() - positives * (positives + 1) / 2) / (positives * negatives))
 
 
 def classification_metrics(labels: np.ndarray, probs: np.ndarray, classes: list[str]) -> dict[str, Any]:
     """Accuracy, balanced accuracy, per-class precision/recall/F1, confusion matrix, and ROC-AUC for two classes.
+
+    The definitions are scikit-learn's (``zero_division=0``; balanced accuracy averages recall over the classes
+    present); numpy computes them because importing scikit-learn takes longer than a cached extract run.
 
     Args:
         labels: true class indices [N].
@@ -18,12 +37,18 @@ def classification_metrics(labels: np.ndarray, probs: np.ndarray, classes: list[
     """
     labels = np.asarray(labels)
     preds = probs.argmax(1)
-    index = list(range(len(classes)))
-    precision, recall, f1, support = skm.precision_recall_fscore_support(labels, preds, labels=index, zero_division=0)
+    matrix = confusion_matrix(labels, preds, len(classes))
+    hits = np.diag(matrix).astype(np.float64)
+    support = matrix.sum(1)
+    predicted = matrix.sum(0)
+    precision = np.divide(hits, predicted, out=np.zeros_like(hits), where=predicted > 0)
+    recall = np.divide(hits, support, out=np.zeros_like(hits), where=support > 0)
+    both = precision + recall
+    f1 = np.divide(2 * precision * recall, both, out=np.zeros_like(hits), where=both > 0)
     out: dict[str, Any] = {
         "n": len(labels),
         "accuracy": float((preds == labels).mean()) if len(labels) else 0.0,
-        "balanced_accuracy": float(skm.balanced_accuracy_score(labels, preds)) if len(labels) else 0.0,
+        "balanced_accuracy": float(recall[support > 0].mean()) if len(labels) else 0.0,
         "per_class": {
             name: {
                 "precision": float(precision[i]),
@@ -33,11 +58,11 @@ def classification_metrics(labels: np.ndarray, probs: np.ndarray, classes: list[
             }
             for i, name in enumerate(classes)
         },
-        "confusion_matrix": skm.confusion_matrix(labels, preds, labels=index).tolist(),
+        "confusion_matrix": matrix.tolist(),
         "classes": list(classes),
     }
     if len(classes) == 2 and len(set(labels.tolist())) == 2:
-        out["roc_auc"] = float(skm.roc_auc_score(labels, probs[:, 1]))
+        out["roc_auc"] = binary_roc_auc(labels, probs[:, 1])
     return out
 
 

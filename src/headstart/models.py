@@ -11,7 +11,7 @@ import os
 import platform
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +19,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from headstart.backbones import Backbone, Preprocessing, create_backbone, register_prefix
+
+if TYPE_CHECKING:
+    from headstart.prepared import PreparedBackbone
 
 FORMAT_VERSION = 1
 
@@ -94,25 +97,31 @@ class Classifier(nn.Module):
             return self.head(features.float())
 
 
-def head_kind(model: Classifier) -> dict[str, Any]:
-    """Description of the head for ``model.json``."""
-    if isinstance(model.head, KNNHead):
-        return {"type": "knn", "k": model.head.k, "bank_size": int(model.head.bank.shape[0])}  # type: ignore[index]
+def head_kind(head: nn.Module) -> dict[str, Any]:
+    """Description of a classifier head for ``model.json``."""
+    if isinstance(head, KNNHead):
+        return {"type": "knn", "k": head.k, "bank_size": int(head.bank.shape[0])}  # type: ignore[index]
     return {"type": "linear"}
 
 
 def versions() -> dict[str, str]:
-    """Library versions recorded with every model."""
-    import timm
-    import torchvision
+    """Library versions recorded with every model (read from the installed metadata: importing timm and torchvision
+    to ask them would cost seconds)."""
+    from importlib.metadata import PackageNotFoundError, version
 
     from headstart import __version__
+
+    def installed(package: str) -> str:
+        try:
+            return version(package)
+        except PackageNotFoundError:
+            return "not installed"
 
     return {
         "headstart": __version__,
         "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "timm": timm.__version__,
+        "torchvision": installed("torchvision"),
+        "timm": installed("timm"),
         "python": platform.python_version(),
     }
 
@@ -155,21 +164,47 @@ def save_classifier(model: Classifier, folder: Path, meta: dict[str, Any]) -> No
         folder: run folder.
         meta: at least ``classes``; strategy, metrics, data fingerprint and config are recommended.
     """
+    write_classifier(
+        folder, model.backbone, model.state_dict(), model.head, model.num_classes, float(model.dropout.p), meta
+    )
+
+
+def write_classifier(
+    folder: Path, backbone: Backbone | PreparedBackbone, tensors: dict[str, torch.Tensor], head: nn.Module,
+    num_classes: int, drop_rate: float, meta: dict[str, Any],
+) -> None:  # fmt: skip
+    """Write a classifier's files from its parts: what :func:`load_classifier` reads back.
+
+    Args:
+        folder: run folder.
+        backbone: the backbone, or its stored description (an extract run served from the caches builds no network).
+        tensors: every tensor of the classifier, keyed as in ``Classifier.state_dict()`` (``backbone.*``, ``head.*``).
+        head: the head module.
+        num_classes: output width.
+        drop_rate: dropout before the head.
+        meta: at least ``classes``.
+    """
     info = {
         "format": FORMAT_VERSION,
         "kind": "classifier",
-        "backbone": model.backbone.name,
-        "weights_source": model.backbone.weights_source,
-        "num_features": model.backbone.num_features,
-        "num_classes": model.num_classes,
-        "drop_rate": float(model.dropout.p),
-        "head": head_kind(model),
-        "preprocessing": model.backbone.preprocessing.to_dict(),
+        "backbone": backbone.name,
+        "weights_source": backbone.weights_source,
+        "num_features": backbone.num_features,
+        "num_classes": num_classes,
+        "drop_rate": drop_rate,
+        "head": head_kind(head),
+        "preprocessing": backbone.preprocessing.to_dict(),
         "versions": versions(),
         **meta,
     }
-    save_tensors(model.state_dict(), folder / "model.safetensors", metadata={"format": "headstart"})
+    save_tensors(tensors, folder / "model.safetensors", metadata={"format": "headstart"})
     atomic_write_bytes(folder / "model.json", json.dumps(info, indent=2, default=str).encode())
+
+
+def classifier_tensors(backbone_tensors: dict[str, torch.Tensor], head: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict a :class:`Classifier` of this backbone and head would have."""
+    tensors = {f"backbone.{k}": v for k, v in backbone_tensors.items()}
+    return tensors | {f"head.{k}": v for k, v in head.state_dict().items()}
 
 
 def read_model_info(folder: Path) -> dict[str, Any]:
