@@ -88,7 +88,7 @@ def main() -> None:
     tut_acc, tut_s = float("nan"), float("nan")
     if args.tutorial_epochs:
         tut_acc, _, tut_s = tutorial_recipe(data, args.tutorial_epochs, finetune=False)
-    print(f"{'method':<52}{'val acc':>9}{'wall s':>9}")
+    print(f"{'method':<64}{'val acc':>9}{'wall s':>9}")
     rows = [
         ("headstart extract, cold (process start, empty cache)", cold_acc, cold_s),
         (f"headstart extract, warm (process start, cached; median of {len(warm_times)})", warm_acc, warm_s),
@@ -96,7 +96,7 @@ def main() -> None:
         (f"tutorial fixed-feature recipe, {args.tutorial_epochs} epochs, in-process", tut_acc, tut_s),
     ]
     for name, acc, secs in rows:
-        print(f"{name:<52}{acc:>9.4f}{secs:>9.1f}")
+        print(f"{name:<64}{acc:>9.4f}{secs:>9.1f}")
     print(f"speed-up cold vs tutorial: {tut_s / cold_s:.1f}x; cold vs probe: {probe_s / cold_s:.2f}x; "
           f"warm vs tutorial: {tut_s / warm_s:.1f}x")  # fmt: skip
     torch_s = torch_times[len(torch_times) // 2]

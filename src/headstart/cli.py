@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 from collections.abc import Callable, Sequence
@@ -271,5 +272,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run(argv: Sequence[str] | None = None) -> Any:
-    """``python -m headstart``."""
-    sys.exit(main(argv))
+    """Entry point of the ``headstart`` console script and of ``python -m headstart``: :func:`main`, then exit."""
+    code = main(argv)
+    # The interpreter's exit runs a last garbage collection over every object torch created; frozen objects are
+    # skipped (they are still finalised by reference counting). It saves 0.2 s of a 2.5 s cached extract run.
+    gc.freeze()
+    sys.exit(code)
