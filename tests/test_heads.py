@@ -49,6 +49,12 @@ def test_absent_class_gets_no_probability() -> None:
     assert (probs.argmax(1) != 1).all()
 
 
+def test_one_class_is_refused() -> None:
+    features, _ = blobs(20, 5, 2)
+    with pytest.raises(ValueError, match="two classes or more"):
+        fit_logistic(features, np.ones(20, dtype=int), 2, c=1.0)
+
+
 def test_group_folds_keep_groups_together_and_stratify() -> None:
     labels = np.repeat([0, 1, 1], 20)  # 20 images of class 0, 40 of class 1, 3 views each below
     groups = np.arange(60)

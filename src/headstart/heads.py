@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from scipy.optimize import minimize
+from scipy.special import expit
 from torch import nn
 
 from headstart.models import KNNHead
@@ -85,7 +86,7 @@ def _solve(
         z = x @ w + theta[d * r :]
         if r == 1:
             losses = np.logaddexp(0.0, z[:, 0]) - onehot[:, 0] * z[:, 0]
-            residual = (1.0 / (1.0 + np.exp(-z)) - onehot) * sample_weight[:, None]
+            residual = (expit(z) - onehot) * sample_weight[:, None]
         else:
             top = z.max(1, keepdims=True)
             log_norm = top + np.log(np.exp(z - top).sum(1, keepdims=True))
@@ -113,6 +114,8 @@ class _Problem:
     ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
         """Fit on ``rows``; returns (classes present, flat parameters in row-space coordinates)."""
         present, y = np.unique(labels[rows], return_inverse=True)
+        if len(present) < 2:
+            raise ValueError(f"a logistic head needs two classes or more among its training rows, got only {present}")
         weight = _balanced_weights(y) if class_weight == "balanced" else np.ones(len(y))
         return present, _solve(self.coords[rows], y, c, weight, start, max_iter)
 

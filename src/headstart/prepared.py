@@ -116,7 +116,7 @@ class PreparedBackbone:
         return tensors
 
 
-def store(backbone: Backbone, path: Path, preprocessing: Preprocessing | None = None) -> None:
+def store(backbone: Backbone, path: Path) -> None:
     """Write a built backbone's tensors and description to ``path`` atomically."""
     from headstart.models import save_tensors
 
@@ -124,7 +124,7 @@ def store(backbone: Backbone, path: Path, preprocessing: Preprocessing | None = 
         "format": FORMAT,
         "name": backbone.name,
         "num_features": str(backbone.num_features),
-        "preprocessing": json.dumps((preprocessing or backbone.preprocessing).to_dict()),
+        "preprocessing": json.dumps(backbone.preprocessing.to_dict()),
         "weights_source": backbone.weights_source,
         "fingerprint": backbone.fingerprint(),
     }
@@ -150,7 +150,10 @@ def load_backbone(name: str, weights: str | None, cache_root: Path) -> Backbone 
     except (OSError, SafetensorError):
         meta = None
     if meta and meta.get("format") == FORMAT and meta.get("name") == name:
-        return PreparedBackbone(path, name, weights, meta)
+        try:
+            return PreparedBackbone(path, name, weights, meta)
+        except (KeyError, ValueError, TypeError):
+            pass  # an unreadable description: built and stored again below
     built = create_backbone(name, pretrained=True, weights=weights)
     if os.environ.get("RANK", "0") == "0":  # one writer under a multi-process launch
         store(built, path)
