@@ -234,8 +234,13 @@ def cache_clear(cache_root: Path | None = None) -> int:
     return count
 
 
-def dataset_or_files(inputs: Sequence[str | os.PathLike[str]]) -> tuple[list[ImageRecord], list[str], list[str]]:
-    """Records, their split names, and class names: a dataset when one folder/CSV of classes is given, else files."""
+def dataset_or_files(
+    inputs: Sequence[str | os.PathLike[str]], cache_root: Path | None = None
+) -> tuple[list[ImageRecord], list[str], list[str]]:
+    """Records, their split names, and class names: a dataset when one folder/CSV of classes is given, else files.
+
+    ``cache_root`` lets the dataset scan reuse what earlier scans learned (see :class:`headstart.data.ScanCache`).
+    """
     from headstart.data import DataError, collect_files, load_dataset
 
     if len(inputs) == 1:
@@ -245,7 +250,7 @@ def dataset_or_files(inputs: Sequence[str | os.PathLike[str]]) -> tuple[list[Ima
         )
         if is_dataset:
             try:
-                ds = load_dataset(path)
+                ds = load_dataset(path, cache_root=cache_root)
             except DataError:
                 ds = None
             if ds is not None:
@@ -279,8 +284,8 @@ def write_embeddings(
 
     from headstart.backbones import create_backbone
 
-    records, splits, classes = dataset_or_files(inputs)
     root = default_cache_root(cache_dir)
+    records, splits, classes = dataset_or_files(inputs, root if use_cache else None)
     # With the cache on, the stored description serves: the network is built only for images not in the cache.
     model = load_backbone(backbone, weights, root) if use_cache else create_backbone(backbone, weights=weights)
     _, rank = distributed()  # before picking the device: a GPU launch gives each rank its own card
