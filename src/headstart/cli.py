@@ -251,7 +251,7 @@ def _cache(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``headstart`` console script."""
+    """Parse the arguments and run one subcommand; returns the exit code (2 for a user error)."""
     args = get_args_parser().parse_args(argv)
     from headstart.errors import USER_ERRORS
 

@@ -233,13 +233,11 @@ class ScanCache:
         self.version = f"{self.FORMAT}/{Image.__version__}"
         self.known: dict[str, Facts] = {}
         self.seen: dict[str, Facts] = {}
-        try:
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError, IndexError):  # unreadable: start empty
             stored = json.loads(self.path.read_text())
             if stored["version"] == self.version:
                 self.known = {k: v if isinstance(v, str) else (int(v[0]), int(v[1]), str(v[2]), bool(v[3]))
                               for k, v in stored["files"].items()}  # fmt: skip
-        except (OSError, ValueError, KeyError, TypeError, IndexError):
-            self.known = {}
 
     def get(self, digest: str) -> Facts | None:
         """The facts of these bytes from an earlier scan, if any."""

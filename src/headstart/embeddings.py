@@ -157,8 +157,9 @@ def embed(
     network = backbone
     if todo and isinstance(backbone, PreparedBackbone):
         network = backbone.network()
-        if cache is not None and cache_key(backbone, precision, view) != cache.folder.name:  # stored entry was stale
-            cache = FeatureCache(default_cache_root(cache_root), cache_key(backbone, precision, view), dim)
+        key = cache_key(backbone, precision, view)  # the built network's: differs when the stored entry was stale
+        if cache is not None and key != cache.folder.name:
+            cache = FeatureCache(default_cache_root(cache_root), key, dim)
             ok[:] = False
             todo = _lookup(cache, records, features, ok)
     failed: list[tuple[Path, str]] = []

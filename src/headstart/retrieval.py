@@ -35,7 +35,7 @@ import numpy as np
 
 from headstart.backbones import DEFAULT_BACKBONE, Backbone, Preprocessing, create_backbone
 from headstart.data import DataError, ImageRecord, collect_files
-from headstart.embeddings import as_records, dataset_or_files, embed
+from headstart.embeddings import as_records, dataset_or_files, default_cache_root, embed
 from headstart.hardware import distributed, pick_device, resolve_precision
 from headstart.models import atomic_write_bytes
 
@@ -392,7 +392,7 @@ def build_index(
     if (folder / META_FILE).exists() and not overwrite:
         raise FileExistsError(f"index folder {folder} already exists; pass --overwrite or choose another --out")
     inputs = [data] if isinstance(data, (str, os.PathLike)) else list(data)
-    records, _, classes = dataset_or_files(inputs)
+    records, _, classes = dataset_or_files(inputs, default_cache_root(cache_dir))
     if not records:
         raise DataError(f"no images found in {[str(i) for i in inputs]}")
     _, rank = distributed()  # before picking the device: a GPU launch gives each rank its own card
