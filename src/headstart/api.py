@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import random
 import shutil
 import time
@@ -42,7 +41,7 @@ from headstart.data import (
 )
 from headstart.embeddings import Embeddings, default_cache_root, embed
 from headstart.evaluate import classification_metrics
-from headstart.hardware import decode_workers, pick_device, resolve_precision
+from headstart.hardware import decode_workers, launch_rank, pick_device, resolve_precision, single_process
 from headstart.heads import fit_knn, fit_logistic, predict_proba
 from headstart.inference import Outputs, run_model
 from headstart.models import (
@@ -186,7 +185,7 @@ def train(
     # Only network training needs Accelerate (DDP); extract runs its single pass without it. With split_batches,
     # data.batch_size is the global batch whatever the number of processes, so the learning rate needs no rescaling.
     accelerator = make_accelerator() if config.strategy != "extract" else None
-    is_main = accelerator.is_main_process if accelerator else int(os.environ.get("RANK", "0")) == 0
+    is_main = accelerator.is_main_process if accelerator else launch_rank() == 0
     device = accelerator.device if accelerator else pick_device()
     precision = resolve_precision(config.run.precision, device)
     _seed_everything(config.run.seed, config.run.deterministic)
@@ -226,9 +225,10 @@ def train(
     result = TrainResult(run_dir, {}, 0.0, config)
     head, baseline = None, None
     if config.strategy in ("extract", "finetune") and not _resume:  # a resumed run's head is in its checkpoint
-        if not is_main and accelerator is None:
-            return result  # extract under a multi-process launcher: rank 0 does the (seconds-long) work
+        # Under a multi-process launch every rank embeds its share of the images; each then fits the (same) head.
         head, baseline = _fit_head(backbone, num_classes, dataset, config, precision, device, is_main)
+    if not is_main and accelerator is None:
+        return result  # extract: rank 0 writes the run folder
     if config.strategy == "extract" and head is not None and baseline is not None:
         tensors = classifier_tensors(backbone.state_dict(), head)
         summary = {**meta, "val_metrics": _summary(baseline)}
@@ -249,29 +249,31 @@ def train(
             result.model, dataset, config, precision, accelerator, run_dir, on_best, baseline, resume=_resume
         )
         accelerator.wait_for_everyone()
-    if is_main:
-        # The best checkpoint, measured through the same path as `headstart evaluate`. An extract run's val metrics
-        # already are its saved model's, so without a test split it skips rebuilding the network.
-        reload = accelerator is not None or bool(dataset.test)
-        loaded = load(run_dir) if reload else None
-        if loaded is not None and accelerator is not None:
-            result.metrics = loaded.evaluate(dataset, split="val")
-        if loaded is not None and dataset.test:
-            result.test_metrics = loaded.evaluate(dataset, split="test")
-        info = loaded.info if loaded is not None else read_model_info(run_dir)
-        info["val_metrics"] = _summary(result.metrics)
-        info["test_metrics"] = _summary(result.test_metrics) if result.test_metrics else None
-        info["train_seconds"] = round(time.perf_counter() - tic, 2)
-        atomic_write_bytes(run_dir / "model.json", json.dumps(info, indent=2, default=str).encode())
-        (run_dir / "metrics.json").write_text(
-            json.dumps({"val": result.metrics, "test": result.test_metrics}, indent=2)
-        )
-    result.seconds = time.perf_counter() - tic  # the report below is not part of the training cost
-    if is_main and config.run.report:
-        _write_report(run_dir, dataset)
-    if accelerator is not None:
-        _finish_distributed(accelerator)
+        if not is_main:
+            return result  # the shared work is done; rank 0 alone evaluates, writes and reports
+    with single_process():  # rank 0 alone from here: no feature pass may wait for ranks that have left
+        _finish_run(result, dataset, run_dir, reload=accelerator is not None, started=tic)
+        result.seconds = time.perf_counter() - tic  # the report below is not part of the training cost
+        if config.run.report:
+            _write_report(run_dir, dataset)
     return result
+
+
+def _finish_run(result: TrainResult, dataset: Dataset, run_dir: Path, reload: bool, started: float) -> None:
+    """Measure the saved (best) model through the ``evaluate`` path and complete model.json and metrics.json."""
+    # The best checkpoint, measured through the same path as `headstart evaluate`. An extract run's val metrics
+    # already are its saved model's, so without a test split it skips rebuilding the network.
+    loaded = load(run_dir) if reload or dataset.test else None
+    if loaded is not None and reload:
+        result.metrics = loaded.evaluate(dataset, split="val")
+    if loaded is not None and dataset.test:
+        result.test_metrics = loaded.evaluate(dataset, split="test")
+    info = loaded.info if loaded is not None else read_model_info(run_dir)
+    info["val_metrics"] = _summary(result.metrics)
+    info["test_metrics"] = _summary(result.test_metrics) if result.test_metrics else None
+    info["train_seconds"] = round(time.perf_counter() - started, 2)
+    atomic_write_bytes(run_dir / "model.json", json.dumps(info, indent=2, default=str).encode())
+    (run_dir / "metrics.json").write_text(json.dumps({"val": result.metrics, "test": result.test_metrics}, indent=2))
 
 
 def _write_report(run_dir: Path, dataset: Dataset) -> None:
@@ -282,13 +284,6 @@ def _write_report(run_dir: Path, dataset: Dataset) -> None:
         build_report(run_dir, data=dataset)
     except Exception as error:  # reporting is best effort: matplotlib, Grad-CAM and t-SNE each have failure modes
         progress.log(f"[yellow]report not written ({type(error).__name__}: {error}); retry with `headstart report`")
-
-
-def _finish_distributed(accelerator: Accelerator) -> None:
-    """Destroy the process group at the end of a multi-process run (otherwise the run ends in an abort)."""
-    if accelerator.num_processes > 1 and torch.distributed.is_initialized():
-        accelerator.wait_for_everyone()
-        torch.distributed.destroy_process_group()
 
 
 def _report_data(dataset: Dataset, run_dir: Path, is_main: bool) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -203,6 +204,7 @@ def _backbones(args: argparse.Namespace) -> int:
 @command("embed")
 def _embed(args: argparse.Namespace) -> int:
     from headstart.embeddings import write_embeddings
+    from headstart.hardware import launch_rank
 
     out = write_embeddings(
         args.inputs,
@@ -215,6 +217,8 @@ def _embed(args: argparse.Namespace) -> int:
         use_cache=not args.no_cache,
         cache_dir=args.cache_dir,
     )
+    if launch_rank() != 0:
+        return 0  # every rank of a multi-process launch embedded its share; rank 0 wrote and reports
     print(
         f"wrote {out.features.shape[0]} x {out.features.shape[1]} embeddings to {args.out} "
         f"({out.hits} from cache, {out.computed} computed, {len(out.failed)} unreadable)"
@@ -255,20 +259,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     from headstart.errors import USER_ERRORS
 
+    who = f"headstart {args.command}" + _rank_label()
     try:
         return COMMANDS[args.command](args)
     except USER_ERRORS as error:
-        print(f"headstart {args.command}: error: {error}", file=sys.stderr)
+        print(f"{who}: error: {error}", file=sys.stderr)
         return 2
     except ModuleNotFoundError as error:
         if error.name and error.name.split(".")[0] == "headstart":
             raise
         print(
-            f"headstart {args.command}: error: this command needs the package {error.name!r}, which is not installed; "
+            f"{who}: error: this command needs the package {error.name!r}, which is not installed; "
             "install the extras with: pip install 'headstart[retrieval,serve,export,audit]'",
             file=sys.stderr,
         )
         return 2
+    except Exception as error:
+        if _rank_label():  # torchrun then stops the other ranks; this line says which one failed, and why
+            print(f"{who}: failed: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
+        raise
+
+
+def _rank_label() -> str:
+    """`` (rank R of N)`` under a multi-process launch, where every rank prints to the same terminal; else empty."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return f" (rank {os.environ.get('RANK', '0')} of {world})" if world > 1 else ""
 
 
 def run(argv: Sequence[str] | None = None) -> Any:

@@ -57,6 +57,8 @@ def _compare(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         batch_size=args.batch_size,
     )
+    if not result.runs:
+        return 0  # a non-main process of a multi-process launch: rank 0 prints
     table = Table(
         *TABLE_HEADER, title=f"{result.n_val} validation images; one image = {100 / max(1, result.n_val):.2f} points"
     )

@@ -28,6 +28,7 @@ from matplotlib.figure import Figure
 from headstart import progress
 from headstart.backbones import DEFAULT_BACKBONE
 from headstart.config import STRATEGIES
+from headstart.hardware import launch_rank
 from headstart.models import read_model_info
 from headstart.report import FIGURES, Section, esc, html_table, read_history, render_page
 
@@ -259,11 +260,14 @@ def compare(
         if key in train_overrides:
             raise TypeError(f"compare sets {key!r} itself for every run; remove it from the options")
     root = Path(out) if out else Path("runs") / f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
-    if root.exists() and any(root.iterdir()):
+    # Under torchrun every rank trains its share of each run; rank 0 alone keeps the books and writes.
+    is_main = launch_rank() == 0
+    if is_main and root.exists() and any(root.iterdir()):
         if not overwrite:
             raise FileExistsError(f"comparison folder {root} already exists; pass --overwrite or choose another --out")
         shutil.rmtree(root)
-    root.mkdir(parents=True, exist_ok=True)
+    if is_main:
+        root.mkdir(parents=True, exist_ok=True)
     started = time.strftime("%Y-%m-%d %H:%M:%S")
     runs: list[RunRow] = []
     n_val = 0
@@ -288,6 +292,8 @@ def compare(
             finally:
                 if private:
                     shutil.rmtree(private, ignore_errors=True)
+            if not is_main:
+                continue
             if not (run_dir / "report.html").is_file():  # api.train may already have written it
                 build_report(run_dir)
             info = read_model_info(run_dir)
@@ -305,6 +311,8 @@ def compare(
                 )
             )
     table = summarise(runs, strategies)
+    if not is_main:
+        return CompareResult(root, runs, table, root / "report.html", n_val)
     meta = {
         "data": str(data),
         "backbone": backbone,
@@ -333,6 +341,8 @@ def demo(out: str | Path = "runs/demo", seeds: int = 3) -> CompareResult:
     data = hymenoptera()
     progress.log(f"demo data: {data}")
     result = compare(data, seeds=seeds, out=out, epochs=DEMO_EPOCHS, overwrite=True)
+    if launch_rank() != 0:
+        return result
     table = Table(*TABLE_HEADER, title=f"ants vs bees, {result.n_val} validation images")
     for row in table_rows(result.table):
         table.add_row(*row)

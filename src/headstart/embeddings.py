@@ -164,6 +164,13 @@ def embed(
             todo = _lookup(cache, records, features, ok)
     failed: list[tuple[Path, str]] = []
     world, rank = distributed()
+    if world > 1:
+        # Every rank must take the same branch below and meet in the same collective. Their caches may disagree
+        # (private caches, or a share another rank wrote while this one was still looking up), so they agree on
+        # the union of what is missing.
+        todo = _agree(todo, world)
+        if todo and isinstance(network, PreparedBackbone):
+            network = network.network()
     if todo:
         assert isinstance(network, Backbone)
         mine = todo[rank::world]  # under a multi-process launch each rank embeds its share of the misses
@@ -193,6 +200,15 @@ def embed(
     if l2_normalize:
         out = out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
     return Embeddings(out, index, failed, hits=len(records) - len(todo), computed=len(todo) - len(failed))
+
+
+def _agree(todo: list[int], world: int) -> list[int]:
+    """The sorted union of every rank's missing positions (a collective: every rank calls it)."""
+    import torch.distributed as dist
+
+    everyone: list[Any] = [None] * world
+    dist.all_gather_object(everyone, todo)
+    return sorted(set().union(*everyone))
 
 
 def _lookup(cache: FeatureCache | None, records: list[ImageRecord], features: np.ndarray, ok: np.ndarray) -> list[int]:

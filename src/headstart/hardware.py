@@ -52,29 +52,70 @@ def autocast(device: torch.device, precision: str) -> Iterator[None]:
         yield
 
 
+_SOLO = False  # True inside single_process(): collective work runs as a world of one
+
+
+def launch_rank() -> int:
+    """This process's rank under torchrun or ``accelerate launch`` (0 otherwise), without joining the process group."""
+    return int(os.environ.get("RANK", "0"))
+
+
+@contextlib.contextmanager
+def single_process() -> Iterator[None]:
+    """Inside the block :func:`distributed` answers (1, 0): for work that one rank does alone after the shared part.
+
+    Under a multi-process launch, rank 0 alone evaluates the saved model, builds the report and writes the run folder.
+    Any feature pass it runs there must not shard over the world and wait in a collective for ranks that have left.
+    """
+    global _SOLO
+    previous, _SOLO = _SOLO, True
+    try:
+        yield
+    finally:
+        _SOLO = previous
+
+
 def distributed() -> tuple[int, int]:
     """(world size, rank) of a multi-process launch, joining its process group on first use.
 
     Under torchrun or ``accelerate launch`` (``WORLD_SIZE`` > 1) the group is initialised through Accelerate (gloo on
-    CPU, NCCL on GPUs) and destroyed at exit, as a clean shutdown requires. Otherwise (1, 0).
+    CPU, NCCL on GPUs) and destroyed at exit, as a clean shutdown requires. Otherwise, and inside
+    :func:`single_process`, (1, 0).
     """
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if _SOLO or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return 1, 0
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        import atexit
-
         from accelerate import PartialState
 
         PartialState(cpu=not torch.cuda.is_available())
-
-        def leave() -> None:
-            if dist.is_initialized():
-                dist.destroy_process_group()
-
-        atexit.register(leave)
+    leave_group_at_exit()
     return dist.get_world_size(), dist.get_rank()
+
+
+_LEAVING = False
+
+
+def leave_group_at_exit() -> None:
+    """Destroy the process group when this process exits (once), as a clean shutdown requires.
+
+    Each rank leaves when its own share is done: rank 0 may go on alone (evaluation, report) while the others have
+    exited, so no rank waits at a final barrier for work it takes no part in.
+    """
+    global _LEAVING
+    if _LEAVING:
+        return
+    _LEAVING = True
+    import atexit
+
+    import torch.distributed as dist
+
+    def leave() -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+    atexit.register(leave)
 
 
 _ALLOCATOR_TUNED: bool | None = None

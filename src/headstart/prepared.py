@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from headstart.backbones import TORCHVISION_PREFIX, Backbone, Preprocessing, create_backbone, fingerprint_tensors
+from headstart.hardware import launch_rank
 from headstart.weights import BUNDLED
 
 FORMAT = "1"  # bump when the stored layout or the key changes
@@ -155,6 +155,6 @@ def load_backbone(name: str, weights: str | None, cache_root: Path) -> Backbone 
         except (KeyError, ValueError, TypeError):
             pass  # an unreadable description: built and stored again below
     built = create_backbone(name, pretrained=True, weights=weights)
-    if os.environ.get("RANK", "0") == "0":  # one writer under a multi-process launch
+    if launch_rank() == 0:  # one writer under a multi-process launch
         store(built, path)
     return built

@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from headstart import progress
-from headstart.hardware import autocast, tune_allocator
+from headstart.hardware import autocast, leave_group_at_exit, tune_allocator
 from headstart.models import atomic_write_bytes
 from headstart.strategies import warmup_cosine
 
@@ -303,10 +303,13 @@ def make_accelerator() -> Accelerator:
     from accelerate.utils import DataLoaderConfiguration
 
     several = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    return Accelerator(
+    accelerator = Accelerator(
         cpu=several and not torch.cuda.is_available(),
         dataloader_config=DataLoaderConfiguration(split_batches=True),
     )
+    if several:
+        leave_group_at_exit()
+    return accelerator
 
 
 class EpochSampler(torch.utils.data.Sampler[int]):
