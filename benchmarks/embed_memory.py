@@ -91,7 +91,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--count", type=int, default=10_000)
     args = parser.parse_args()
-    from headstart.datasets import hymenoptera
+    from headstart.data.demo import hymenoptera
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

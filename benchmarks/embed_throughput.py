@@ -21,12 +21,13 @@ os.environ.setdefault("HEADSTART_QUIET", "1")
 
 import torch
 
-from headstart.backbones import create_backbone
-from headstart.data import eval_tensor, load_dataset, normalize
-from headstart.datasets import hymenoptera
-from headstart.embeddings import embed
+from headstart.data.demo import hymenoptera
+from headstart.data.scan import load_dataset
+from headstart.data.transforms import eval_tensor, normalize
+from headstart.features.embeddings import embed
 from headstart.hardware import autocast, pick_device, resolve_precision, tune_allocator
-from headstart.strategies import resolve_preprocessing
+from headstart.models.backbones import create_backbone
+from headstart.training.strategies import resolve_preprocessing
 
 
 def raw_forward(backbone: torch.nn.Module, images: torch.Tensor, prep: object, batch: int, precision: str) -> float:

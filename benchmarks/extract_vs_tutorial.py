@@ -35,7 +35,7 @@ PROBE = textwrap.dedent(
     import numpy as np, torch, torchvision.transforms as T
     from torchvision.datasets import ImageFolder
     from sklearn.linear_model import LogisticRegression
-    from headstart.backbones import create_backbone
+    from headstart.models.backbones import create_backbone
     model = create_backbone().eval()
     tf = T.Compose([T.Resize(256, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(224), T.ToTensor(),
                     T.Normalize([0.5] * 3, [0.5] * 3)])
@@ -67,7 +67,7 @@ def main() -> None:
     parser.add_argument("--tutorial-epochs", type=int, default=25, help="0 skips the tutorial recipe")
     parser.add_argument("--warm-repeats", type=int, default=3, help="warm runs (the median is reported)")
     args = parser.parse_args()
-    from headstart.datasets import hymenoptera
+    from headstart.data.demo import hymenoptera
 
     data = (args.data or hymenoptera()).resolve()
     python = sys.executable

@@ -6,9 +6,9 @@ same run, and time to 0.95 val accuracy on ants/bees against the tutorial's fine
 
 1. Raw limit: the model alone on uint8 batches already on the device (normalise, channels-last, bf16 autocast):
    training steps (forward, backward, AdamW) and inference forwards, in images/s; training also in fp32.
-2. headstart training: `api.train --strategy finetune` over the ants/bees training photos listed ``--repeat`` times
-   (decoded once into memory, augmented in worker processes), images/s of the training epochs (``train_images_per_s``
-   in metrics.jsonl), and its ratio to the raw bf16 training limit.
+2. headstart training: `headstart.train --strategy finetune` over the ants/bees training photos listed ``--repeat``
+   times (decoded once into memory, augmented in worker processes), images/s of the training epochs
+   (``train_images_per_s`` in metrics.jsonl), and its ratio to the raw bf16 training limit.
 3. headstart embedding: `embed` over the ants/bees photos listed ``--repeat`` times (JPEG files in, no feature cache)
    against the raw inference limit.
 4. Time to 0.95: the default finetune on ants/bees (seconds of training until the first epoch at >= 0.95 val
@@ -32,12 +32,13 @@ os.environ.setdefault("HEADSTART_QUIET", "1")
 import torch
 from torch import nn
 
-from headstart import api
-from headstart.backbones import create_backbone
-from headstart.data import load_dataset, normalize
-from headstart.datasets import hymenoptera
-from headstart.embeddings import embed
+import headstart
+from headstart.data.demo import hymenoptera
+from headstart.data.scan import load_dataset
+from headstart.data.transforms import normalize
+from headstart.features.embeddings import embed
 from headstart.hardware import autocast, tune_allocator
+from headstart.models.backbones import create_backbone
 from tutorial import tutorial_recipe  # benchmarks/tutorial.py, beside this script
 
 
@@ -115,8 +116,9 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         manifest = repeated_manifest(data, args.repeat, Path(tmp) / "repeated.csv")
-        run = api.train(manifest, strategy="finetune", epochs=2, batch_size=args.batch_size, out=f"{tmp}/throughput",
-                        cache_dir=f"{tmp}/cache", **{"run.report": False, "run.audit": False})  # fmt: skip
+        run = headstart.train(manifest, strategy="finetune", epochs=2, batch_size=args.batch_size,
+                              out=f"{tmp}/throughput", cache_dir=f"{tmp}/cache",
+                              **{"run.report": False, "run.audit": False})  # fmt: skip
         rates = [r["train_images_per_s"] for r in run.history if r.get("phase") == "train"]
         print(f"headstart finetune training: {max(rates):9.1f} images/s (epochs: {rates}); "
               f"ratio to the raw bf16 limit {max(rates) / raw['train_bf16']:.2f}")  # fmt: skip
@@ -131,7 +133,7 @@ def main() -> None:
               f"{rate / raw['infer_bf16']:.2f}")  # fmt: skip
 
         tic = time.perf_counter()
-        result = api.train(data, out=f"{tmp}/finetune", cache_dir=f"{tmp}/cache", **{"run.report": False})
+        result = headstart.train(data, out=f"{tmp}/finetune", cache_dir=f"{tmp}/cache", **{"run.report": False})
         wall = time.perf_counter() - tic
         elapsed, reached = 0.0, float("nan")
         for row in result.history:

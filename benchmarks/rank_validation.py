@@ -28,8 +28,8 @@ import numpy as np
 from PIL import Image
 from scipy.stats import spearmanr
 
-from headstart import api
-from headstart.rank import offline_candidates, rank
+import headstart
+from headstart.insight.rank import offline_candidates, rank
 
 HYMENOPTERA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "hymenoptera_data"
 
@@ -65,7 +65,7 @@ def validate(name: str, data: Path, backbones: list[str], strategies: list[str],
         achieved = {}
         for r in rows:
             t = time.perf_counter()
-            result = api.train(
+            result = headstart.train(
                 str(data), strategy=strategy, backbone=r.backbone, epochs=epochs if strategy == "finetune" else None,
                 out=str(work / f"{name}-{strategy}-{r.backbone}"), overwrite=True, cache_dir=str(cache), seed=0,
             )  # fmt: skip

@@ -22,7 +22,7 @@ import time
 import faiss
 import numpy as np
 
-from headstart.retrieval import ImageIndex
+from headstart.features.retrieval import ImageIndex
 
 
 def embedding_like(n: int, rng: np.random.Generator, centres: np.ndarray, mixing: np.ndarray) -> np.ndarray:

@@ -22,10 +22,10 @@ import httpx
 import numpy as np
 import torch
 
-from headstart.api import load
-from headstart.backbones import create_backbone
-from headstart.models import Classifier, save_classifier
-from headstart.serve import create_app, serve_in_thread
+from headstart.insight.predictor import load
+from headstart.models.backbones import create_backbone
+from headstart.models.classifier import Classifier, save_classifier
+from headstart.serving.serve import create_app, serve_in_thread
 
 HYMENOPTERA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "hymenoptera_data"
 

@@ -18,7 +18,7 @@ import torchvision.transforms as T
 from torch import nn
 from torchvision.datasets import ImageFolder
 
-from headstart.backbones import create_backbone
+from headstart.models.backbones import create_backbone
 
 
 def tutorial_recipe(

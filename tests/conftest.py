@@ -65,7 +65,7 @@ def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A safetensors file of tiny_cnn weights, standing in for "pretrained" weights in fast tests."""
     from safetensors.torch import save_file
 
-    from headstart.backbones import TinyCNN
+    from headstart.models.backbones import TinyCNN
 
     torch.manual_seed(123)
     path = tmp_path_factory.mktemp("weights") / "tiny_cnn.safetensors"

@@ -12,9 +12,9 @@ import pytest
 from PIL import Image
 
 from headstart import cli
-from headstart.audit import audit, find_groups, near_pairs, quick_audit, write_clean_manifest
-from headstart.cli_audit import add_parsers
-from headstart.data import load_dataset
+from headstart.cli.audit import add_parsers
+from headstart.data.scan import load_dataset
+from headstart.insight.audit import audit, find_groups, near_pairs, quick_audit, write_clean_manifest
 
 
 def plant_copies(root: Path) -> dict[str, set[frozenset[str]]]:

@@ -11,11 +11,13 @@ import pytest
 import torch
 from PIL import Image
 
-from headstart import api, cli
-from headstart.autoencoder import AutoencoderConfig, load_autoencoder, score, train_autoencoder
-from headstart.backbones import create_backbone
-from headstart.cli_retrieval import add_parsers
-from headstart.retrieval import build_index, search_images
+import headstart
+from headstart import cli
+from headstart.cli.retrieval import add_parsers
+from headstart.features.retrieval import build_index, search_images
+from headstart.models.autoencoder import AutoencoderConfig, load_autoencoder
+from headstart.models.backbones import create_backbone
+from headstart.training.autoencoder import score, train_autoencoder
 
 FAST = {"image_size": 32, "width": 8, "latent_dim": 16, "batch_size": 8, "precision": "fp32"}
 
@@ -63,7 +65,7 @@ def test_score_is_reconstruction_error_and_flags_anomalies(conv_run: Path, tmp_p
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         expected = (model(x) - x).pow(2).mean(dim=(1, 2, 3))
-    from headstart.autoencoder import _ErrorPerImage
+    from headstart.models.autoencoder import _ErrorPerImage
 
     torch.testing.assert_close(_ErrorPerImage(model)(x)[:, 0], expected)
 
@@ -76,9 +78,9 @@ def test_autoencoder_is_a_backbone(conv_run: Path, image_folder: Path, cache_dir
     with torch.no_grad():
         torch.testing.assert_close(backbone(x), model.embed(x))
         assert backbone(torch.randn(1, 3, 48, 48)).shape == (1, 16)  # any input size (extract reads larger crops)
-    result = api.train(image_folder, strategy="extract", backbone=f"ae:{conv_run}", out=str(tmp_path / "clf"),
+    result = headstart.train(image_folder, strategy="extract", backbone=f"ae:{conv_run}", out=str(tmp_path / "clf"),
                        cache_dir=str(cache_dir), batch_size=8, num_workers=0)  # fmt: skip
-    reloaded = api.load(tmp_path / "clf")
+    reloaded = headstart.load(tmp_path / "clf")
     assert reloaded.classifier.backbone.name == backbone.name
     assert reloaded.evaluate(image_folder)["accuracy"] == pytest.approx(result.metrics["accuracy"])
     build_index(image_folder, tmp_path / "ix", backbone=f"ae:{conv_run}", cache_dir=str(cache_dir), batch_size=8)

@@ -7,18 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from headstart.backbones import (
-    BUNDLED,
-    POPULAR,
-    TINY_BACKBONES,
-    Backbone,
-    BackboneError,
-    Preprocessing,
-    build_network,
-    create_backbone,
-)
-from headstart.data import eval_tensor, normalize
-from headstart.models import Classifier
+from headstart.data.transforms import Preprocessing, eval_tensor, normalize
+from headstart.errors import BackboneError
+from headstart.models.backbones import BUNDLED, POPULAR, TINY_BACKBONES, Backbone, build_network, create_backbone
+from headstart.models.classifier import Classifier
 
 CONTRACT = (*TINY_BACKBONES, "torchvision/mobilenet_v3_small")
 IMAGENET_ANT, IMAGENET_BEE = 310, 309

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from headstart.compare import CompareResult, RunRow, compare, images_per_second, summarise
-from headstart.report import FIGURES
+from headstart.insight.report import FIGURES
+from headstart.training.compare import CompareResult, RunRow, compare, images_per_second, summarise
 from test_report import assert_renders_in_chromium
 
 
@@ -106,7 +106,7 @@ def test_bad_options_name_the_value(tmp_path: Path) -> None:
 
 def test_cli_parses_and_refuses_existing_folder(comparison: CompareResult) -> None:
     from headstart.cli import COMMANDS
-    from headstart.cli_report import add_parsers, parse_strategies
+    from headstart.cli.report import add_parsers, parse_strategies
 
     assert parse_strategies(" extract, scratch ,") == ("extract", "scratch")
     parser = argparse.ArgumentParser()

@@ -17,22 +17,17 @@ import torch
 from PIL import Image
 
 from conftest import stripes
-from headstart.backbones import Preprocessing
-from headstart.data import (
+from headstart.data.scan import (
     MAX_PIXELS,
-    DataError,
     ImageRecord,
-    center_crop,
     collect_files,
-    eval_tensor,
     load_dataset,
-    normalize,
     open_image,
-    resize_short,
     scan_files,
     stratified_split,
-    train_augment,
 )
+from headstart.data.transforms import Preprocessing, center_crop, eval_tensor, normalize, resize_short, train_augment
+from headstart.errors import DataError
 
 PREP = Preprocessing(32, 36, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), "bilinear")
 
@@ -429,7 +424,7 @@ def test_a_unique_line_drawing_is_kept_but_a_repeated_blank_file_is_a_placeholde
 def test_a_second_scan_decodes_nothing_and_finds_the_same(
     folder_factory: Callable[..., Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import headstart.data as data
+    import headstart.data.scan as data
 
     root = folder_factory("scanned", {"train": 4, "val": 2}).resolve()
     _bad_files(root / "train" / "horizontal")

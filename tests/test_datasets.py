@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from conftest import stripes
-from headstart.data import load_dataset
-from headstart.datasets import HYMENOPTERA_DIR, download_and_extract, find_local
+from headstart.data.demo import HYMENOPTERA_DIR, download_and_extract, find_local
+from headstart.data.scan import load_dataset
 
 
 def _jpeg(label: int, seed: int) -> bytes:

@@ -14,12 +14,12 @@ import torch
 from safetensors.torch import save_file
 from threadpoolctl import threadpool_limits
 
+import headstart
 from conftest import stripes
-from headstart import api
-from headstart.backbones import Backbone, TinyCNN, create_backbone
-from headstart.data import list_images, load_dataset
-from headstart.embeddings import cache_clear, cache_info, embed
-from headstart.heads import fit_logistic, predict_proba
+from headstart.data.scan import list_images, load_dataset
+from headstart.features.embeddings import cache_clear, cache_info, embed
+from headstart.models.backbones import Backbone, TinyCNN, create_backbone
+from headstart.models.heads import fit_logistic, predict_proba
 
 FAST = {"batch_size": 8, "workers": 0, "device": torch.device("cpu")}
 
@@ -148,9 +148,9 @@ def test_head_on_cached_features_matches_saved_model(
 ) -> None:
     """The extract contract: a head fitted on cached features predicts exactly what the saved model predicts."""
     run = tmp_path / "run"
-    api.train(image_folder, strategy="extract", backbone="tiny_cnn", weights=str(tiny_weights), out=str(run),
+    headstart.train(image_folder, strategy="extract", backbone="tiny_cnn", weights=str(tiny_weights), out=str(run),
               cache_dir=str(cache_dir), batch_size=8, num_workers=0)  # fmt: skip
-    model = api.load(run)
+    model = headstart.load(run)
     dataset = load_dataset(image_folder)
     common = {"precision": model.precision, "cache_root": cache_dir, "batch_size": 8, "workers": 0}
     train = embed(model.classifier.backbone, dataset.train, **common)

@@ -12,10 +12,11 @@ import pytest
 import torch
 
 from headstart import __version__
-from headstart.backbones import Preprocessing, create_backbone
-from headstart.data import collect_files, eval_tensor, normalize
-from headstart.export import export, read_metadata
-from headstart.models import Classifier, load_classifier, save_classifier
+from headstart.data.scan import collect_files
+from headstart.data.transforms import Preprocessing, eval_tensor, normalize
+from headstart.models.backbones import create_backbone
+from headstart.models.classifier import Classifier, load_classifier, save_classifier
+from headstart.serving.export import export, read_metadata
 
 TOL = 1e-4  # max abs difference of fp32 logits between PyTorch and the exported file
 
@@ -160,7 +161,7 @@ def test_cli_export_writes_the_file(tiny_run: Path, capsys: pytest.CaptureFixtur
     import argparse
 
     from headstart.cli import COMMANDS
-    from headstart.cli_serve import add_parsers
+    from headstart.cli.serve import add_parsers
 
     parser = argparse.ArgumentParser()
     add_parsers(parser.add_subparsers(dest="command"))

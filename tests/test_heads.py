@@ -7,8 +7,8 @@ import pytest
 from sklearn import metrics as skm
 from sklearn.linear_model import LogisticRegression
 
-from headstart.evaluate import classification_metrics
-from headstart.heads import choose_c, fit_logistic, group_folds, predict_proba
+from headstart.insight.metrics import classification_metrics
+from headstart.models.heads import choose_c, fit_logistic, group_folds, predict_proba
 
 
 def blobs(n: int, d: int, classes: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from headstart.backbones import create_backbone
-from headstart.data import list_images
+from headstart.data.scan import list_images
+from headstart.features.inference import balanced_batches, run_model
 from headstart.hardware import cpu_inference_workers, tune_allocator
-from headstart.inference import balanced_batches, run_model
+from headstart.models.backbones import create_backbone
 
 
 @pytest.mark.parametrize(

@@ -10,18 +10,20 @@ from pathlib import Path
 
 import pytest
 
-from headstart import api
+import headstart
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def extract_run(hymenoptera: Path, tmp_path_factory: pytest.TempPathFactory) -> api.TrainResult:
+def extract_run(hymenoptera: Path, tmp_path_factory: pytest.TempPathFactory) -> headstart.TrainResult:
     root = tmp_path_factory.mktemp("extract")
-    return api.train(hymenoptera, strategy="extract", out=str(root / "run"), cache_dir=str(root / "cache"))
+    return headstart.train(hymenoptera, strategy="extract", out=str(root / "run"), cache_dir=str(root / "cache"))
 
 
-def test_extract_reaches_target_and_reports_the_placeholder(extract_run: api.TrainResult, hymenoptera: Path) -> None:
+def test_extract_reaches_target_and_reports_the_placeholder(
+    extract_run: headstart.TrainResult, hymenoptera: Path
+) -> None:
     assert extract_run.metrics["n"] == 153
     assert extract_run.metrics["accuracy"] >= 0.94
     skipped = (extract_run.run_dir / "skipped_files.txt").read_text().splitlines()
@@ -34,7 +36,7 @@ def test_extract_reaches_target_and_reports_the_placeholder(extract_run: api.Tra
 
 
 def test_evaluate_agrees_with_training_and_predict_writes_every_row(
-    extract_run: api.TrainResult, hymenoptera: Path, tmp_path: Path
+    extract_run: headstart.TrainResult, hymenoptera: Path, tmp_path: Path
 ) -> None:
     run = extract_run.run_dir
     recorded = json.loads((run / "model.json").read_text())["val_metrics"]["accuracy"]
@@ -54,7 +56,7 @@ def test_evaluate_agrees_with_training_and_predict_writes_every_row(
 
 
 def test_finetune_default_reaches_target(hymenoptera: Path, tmp_path: Path) -> None:
-    result = api.train(
+    result = headstart.train(
         hymenoptera,
         strategy="finetune",
         out=str(tmp_path / "ft"),

@@ -11,18 +11,18 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import headstart.prepared as prepared
+import headstart
+import headstart.models.prepared as prepared
 from conftest import stripes
-from headstart import api
-from headstart.backbones import TinyCNN
-from headstart.data import load_dataset
-from headstart.embeddings import cache_clear, cache_info
+from headstart.data.scan import load_dataset
+from headstart.features.embeddings import cache_clear, cache_info
+from headstart.models.backbones import TinyCNN
 
 SMALL = {"batch_size": 8, "num_workers": 0, "run.report": False}
 
 
-def extract(folder: Path, weights: Path, cache: Path, out: Path) -> api.TrainResult:
-    return api.train(folder, strategy="extract", backbone="tiny_cnn", weights=str(weights), out=str(out),
+def extract(folder: Path, weights: Path, cache: Path, out: Path) -> headstart.TrainResult:
+    return headstart.train(folder, strategy="extract", backbone="tiny_cnn", weights=str(weights), out=str(out),
                      cache_dir=str(cache), **SMALL)  # fmt: skip
 
 
@@ -60,7 +60,7 @@ def test_cached_run_builds_no_network_and_saves_the_same_model(
     assert warm.metrics["accuracy"] == cold.metrics["accuracy"]
     same_model(tmp_path / "cold", tmp_path / "warm")
     monkeypatch.undo()
-    predictions = [api.load(tmp_path / run).predict(image_folder / "val")[0] for run in ("cold", "warm")]
+    predictions = [headstart.load(tmp_path / run).predict(image_folder / "val")[0] for run in ("cold", "warm")]
     assert [(p.label, round(p.probability, 5)) for p in predictions[0]] == [
         (p.label, round(p.probability, 5)) for p in predictions[1]
     ]

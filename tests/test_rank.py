@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from headstart import cli
-from headstart.cli_audit import add_parsers
-from headstart.rank import knn_cv_accuracy, logme, offline_candidates, rank
+from headstart.cli.audit import add_parsers
+from headstart.insight.rank import knn_cv_accuracy, logme, offline_candidates, rank
 
 
 def reference_logme(f: np.ndarray, y: np.ndarray) -> float:

@@ -12,12 +12,12 @@ import pytest
 import torch
 from PIL import Image
 
+import headstart
 from conftest import make_folder
-from headstart import api
-from headstart.backbones import create_backbone
-from headstart.data import ImageRecord
-from headstart.models import Classifier
-from headstart.report import FIGURES, ValPass, build_report, find_cam_layer, plot_embedding_map
+from headstart.data.scan import ImageRecord
+from headstart.insight.report import FIGURES, ValPass, build_report, find_cam_layer, plot_embedding_map
+from headstart.models.backbones import create_backbone
+from headstart.models.classifier import Classifier
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -33,7 +33,7 @@ def finetune_run(tmp_path_factory: pytest.TempPathFactory, tiny_weights: Path) -
     root = tmp_path_factory.mktemp("report")
     data = make_folder(root / "data", {"train": 10, "val": 8})
     (data / "train" / "horizontal" / "broken.jpg").write_bytes(b"not an image at all")
-    result = api.train(data, strategy="finetune", weights=str(tiny_weights), epochs=2, out=str(root / "run"),
+    result = headstart.train(data, strategy="finetune", weights=str(tiny_weights), epochs=2, out=str(root / "run"),
                        cache_dir=str(root / "cache"), **FAST)  # fmt: skip
     return result.run_dir
 
@@ -100,7 +100,7 @@ def test_report_renders_in_chromium(finetune_run: Path) -> None:
 
 def test_rebuild_via_cli_removes_stale_figures(finetune_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from headstart.cli import COMMANDS
-    from headstart.cli_report import add_parsers
+    from headstart.cli.report import add_parsers
 
     stale = finetune_run / FIGURES / "old_model.png"
     stale.parent.mkdir(exist_ok=True)
@@ -115,7 +115,7 @@ def test_rebuild_via_cli_removes_stale_figures(finetune_run: Path, capsys: pytes
 
 def test_extract_report_single_point_and_no_skips(image_folder: Path, tiny_weights: Path, cache_dir: Path,
                                                   tmp_path: Path) -> None:  # fmt: skip
-    result = api.train(image_folder, strategy="extract", weights=str(tiny_weights), out=str(tmp_path / "run"),
+    result = headstart.train(image_folder, strategy="extract", weights=str(tiny_weights), out=str(tmp_path / "run"),
                        cache_dir=str(cache_dir), **FAST)  # fmt: skip
     html = build_report(result.run_dir).read_text()
     assert "One point: the extract strategy" in html

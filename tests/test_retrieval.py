@@ -11,9 +11,8 @@ import pytest
 from safetensors.torch import save_file
 
 from headstart import cli
-from headstart.backbones import TinyCNN
-from headstart.cli_retrieval import add_parsers
-from headstart.retrieval import (
+from headstart.cli.retrieval import add_parsers
+from headstart.features.retrieval import (
     BackboneMismatchError,
     ImageIndex,
     IndexFileError,
@@ -23,6 +22,7 @@ from headstart.retrieval import (
     remove_images,
     search_images,
 )
+from headstart.models.backbones import TinyCNN
 
 
 def unit(x: np.ndarray) -> np.ndarray:

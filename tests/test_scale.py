@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from headstart import api
+import headstart
 
 # Deterministic CPU mode: fp32, seeded, with augmentation and dropout on, so that RNG restoration is exercised.
 SETTINGS = dict(strategy="scratch", backbone="tiny_cnn", epochs=3, batch_size=4, num_workers=0, precision="fp32",
@@ -24,7 +24,8 @@ import os, signal, sys
 os.environ["HEADSTART_QUIET"] = "1"
 import torch
 torch.set_num_threads(1)
-from headstart import api, trainer, models
+import headstart
+from headstart.training import trainer
 kill_at = int(sys.argv[3])
 mode = sys.argv[4]
 if kill_at:
@@ -41,9 +42,9 @@ if kill_at:
     trainer.Trainer.save_checkpoint = save_then_die
 settings = {settings}
 if sys.argv[1] == "resume":
-    api.resume(sys.argv[2])
+    headstart.resume(sys.argv[2])
 else:
-    api.train(sys.argv[1], out=sys.argv[2], **settings)
+    headstart.train(sys.argv[1], out=sys.argv[2], **settings)
 """
 
 
@@ -100,7 +101,7 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(
 
 def test_resume_without_checkpoint_is_a_clear_error(image_folder: Path, tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=r"config\.yaml"):
-        api.resume(tmp_path / "nothing")
+        headstart.resume(tmp_path / "nothing")
 
 
 DDP = """
@@ -109,8 +110,8 @@ os.environ["HEADSTART_QUIET"] = "1"
 import torch
 torch.set_num_threads(1)
 from safetensors.torch import save_file
-from headstart import api
-result = api.train(sys.argv[1], out=sys.argv[2], **{settings})
+import headstart
+result = headstart.train(sys.argv[1], out=sys.argv[2], **{settings})
 rank = os.environ.get("RANK", "0")
 save_file({k: v.contiguous() for k, v in result.model.state_dict().items()}, sys.argv[3] + f"/rank{rank}.safetensors")
 """
@@ -182,7 +183,7 @@ def test_embed_shards_across_two_processes_and_merges_in_order(image_folder: Pat
 def test_index_build_shards_across_two_processes(image_folder: Path, tiny_weights: Path, tmp_path: Path) -> None:
     import numpy as np
 
-    from headstart.retrieval import ImageIndex
+    from headstart.features.retrieval import ImageIndex
 
     out = one_and_two_processes(["index", "build", str(image_folder), "--backbone", "tiny_cnn", "--weights",
                                  str(tiny_weights), "--precision", "fp32"], tmp_path)  # fmt: skip

@@ -16,11 +16,11 @@ import torch
 from PIL import Image
 
 from conftest import make_folder, stripes
-from headstart.api import load
-from headstart.backbones import create_backbone
-from headstart.data import collect_files
-from headstart.models import Classifier, save_classifier
-from headstart.serve import create_app, serve_in_thread
+from headstart.data.scan import collect_files
+from headstart.insight.predictor import load
+from headstart.models.backbones import create_backbone
+from headstart.models.classifier import Classifier, save_classifier
+from headstart.serving.serve import create_app, serve_in_thread
 
 CHROMIUM = Path("/usr/bin/chromium")
 LIMIT = 300_000  # bytes; small so the oversize tests stay fast
@@ -47,7 +47,7 @@ def png_claiming(width: int, height: int) -> bytes:
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory, tiny_weights: Path) -> Iterator[tuple[str, Path, Path]]:
     """A tiny_cnn classifier and an index of its synthetic collection, served on a loopback port."""
-    from headstart.retrieval import build_index
+    from headstart.features.retrieval import build_index
 
     root = tmp_path_factory.mktemp("serve")
     torch.manual_seed(0)
@@ -194,9 +194,9 @@ def test_web_page_in_chromium(tmp_path: Path, hymenoptera: Path) -> None:
     """Upload a real ant photo through the page; the bars must show 'ants' first and the thumbnails appear."""
     from playwright.sync_api import sync_playwright
 
-    from headstart.embeddings import embed
-    from headstart.heads import fit_logistic
-    from headstart.retrieval import build_index
+    from headstart.features.embeddings import embed
+    from headstart.features.retrieval import build_index
+    from headstart.models.heads import fit_logistic
 
     train = {c: sorted((hymenoptera / "train" / c).glob("*.jpg"))[:12] for c in ("ants", "bees")}
     files = train["ants"] + train["bees"]

@@ -10,10 +10,11 @@ import pytest
 import torch
 from torch import nn
 
-from headstart.backbones import Preprocessing, create_backbone
 from headstart.config import STRATEGIES, OptimConfig
-from headstart.models import Classifier
-from headstart.strategies import (
+from headstart.data.transforms import Preprocessing
+from headstart.models.backbones import create_backbone
+from headstart.models.classifier import Classifier
+from headstart.training.strategies import (
     DEFAULTS,
     apply_bn_policy,
     param_groups,

@@ -16,9 +16,10 @@ import torchvision
 from safetensors.torch import save_file
 from torch import nn
 
-from headstart import weights as weights_module
-from headstart.backbones import TinyCNN, create_backbone
-from headstart.weights import BundledWeights, WeightsError, bundled_path, load_into, read_state_dict
+from headstart.errors import WeightsError
+from headstart.models import weights as weights_module
+from headstart.models.backbones import TinyCNN, create_backbone
+from headstart.models.weights import BundledWeights, bundled_path, load_into, read_state_dict
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -212,7 +213,7 @@ def test_absent_bundled_package_is_none() -> None:
 
 def test_default_backbone_checks_its_bundled_file(monkeypatch: pytest.MonkeyPatch) -> None:
     """create_backbone goes through the checksum: a wrong expected SHA-256 stops it with WeightsError."""
-    from headstart.backbones import BUNDLED
+    from headstart.models.backbones import BUNDLED
 
     monkeypatch.setattr(weights_module, "_verified", set())
     monkeypatch.setitem(

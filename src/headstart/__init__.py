@@ -12,27 +12,27 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from headstart._version import __version__
 
 # name -> module that defines it
 _EXPORTS = {
-    "train": "headstart.api",
-    "resume": "headstart.api",
-    "load": "headstart.api",
-    "Model": "headstart.api",
-    "TrainResult": "headstart.api",
+    "train": "headstart.training.run",
+    "resume": "headstart.training.run",
+    "load": "headstart.insight.predictor",
+    "Model": "headstart.insight.predictor",
+    "TrainResult": "headstart.training.run",
     "TrainConfig": "headstart.config",
-    "compare": "headstart.compare",
-    "build_report": "headstart.report",
-    "create_backbone": "headstart.backbones",
-    "list_backbones": "headstart.backbones",
-    "load_dataset": "headstart.data",
-    "embed": "headstart.embeddings",
-    "ImageIndex": "headstart.retrieval",
-    "train_autoencoder": "headstart.autoencoder",
-    "audit": "headstart.audit",
-    "rank": "headstart.rank",
-    "export": "headstart.export",
+    "compare": "headstart.training.compare",
+    "build_report": "headstart.insight.report",
+    "create_backbone": "headstart.models.backbones",
+    "list_backbones": "headstart.models.backbones",
+    "load_dataset": "headstart.data.scan",
+    "embed": "headstart.features.embeddings",
+    "ImageIndex": "headstart.features.retrieval",
+    "train_autoencoder": "headstart.training.autoencoder",
+    "audit": "headstart.insight.audit",
+    "rank": "headstart.insight.rank",
+    "export": "headstart.serving.export",
 }
 __all__ = [
     "ImageIndex",
@@ -56,18 +56,19 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from headstart.api import Model, TrainResult, load, resume, train
-    from headstart.audit import audit
-    from headstart.autoencoder import train_autoencoder
-    from headstart.backbones import create_backbone, list_backbones
-    from headstart.compare import compare
     from headstart.config import TrainConfig
-    from headstart.data import load_dataset
-    from headstart.embeddings import embed
-    from headstart.export import export
-    from headstart.rank import rank
-    from headstart.report import build_report
-    from headstart.retrieval import ImageIndex
+    from headstart.data.scan import load_dataset
+    from headstart.features.embeddings import embed
+    from headstart.features.retrieval import ImageIndex
+    from headstart.insight.audit import audit
+    from headstart.insight.predictor import Model, load
+    from headstart.insight.rank import rank
+    from headstart.insight.report import build_report
+    from headstart.models.backbones import create_backbone, list_backbones
+    from headstart.serving.export import export
+    from headstart.training.autoencoder import train_autoencoder
+    from headstart.training.compare import compare
+    from headstart.training.run import TrainResult, resume, train
 
 
 def __getattr__(name: str) -> Any:

@@ -1,7 +1,7 @@
 """Run configuration: frozen dataclasses, one per concern, with YAML in and out.
 
 Every field carries one comment saying what it does and why it has its default. Fields left as ``None`` in
-:class:`OptimConfig` are filled per strategy by :func:`headstart.strategies.resolve_optim`, and the resolved
+:class:`OptimConfig` are filled per strategy by :func:`headstart.training.strategies.resolve_optim`, and the resolved
 configuration is what a run folder stores. Unknown keys are errors, so a typo in a YAML file never passes silently.
 """
 

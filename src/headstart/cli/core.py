@@ -1,0 +1,235 @@
+"""Subcommands ``train``, ``evaluate``, ``predict``, ``backbones``, ``embed``, ``cache`` and ``demo``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    """Add the train, evaluate, predict, backbones, embed, cache and demo sub-parsers."""
+    p = sub.add_parser("train", help="train a classifier on a folder of labelled images")
+    p.add_argument(
+        "data", nargs="?", help="dataset folder (train/ and val/, or class folders) or CSV manifest (path,label)"
+    )
+    p.add_argument("--resume", metavar="RUN", help="continue an interrupted run from its last checkpoint")
+    p.add_argument("--checkpoint-every", type=int, help="also checkpoint every N steps (default: each epoch)")
+    p.add_argument("--strategy", choices=["extract", "finetune", "scratch"], help="default: finetune")
+    p.add_argument("--backbone", help="registry name (see `headstart backbones`); default efficientnet_lite0")
+    p.add_argument("--weights", help="weights file (.safetensors or .pth) for the backbone")
+    p.add_argument("--epochs", type=int, help="training epochs (strategy default when omitted)")
+    p.add_argument("--lr", type=float, help="peak learning rate of the head (strategy default when omitted)")
+    p.add_argument("--batch-size", type=int, help="images per step (default 32)")
+    p.add_argument("--input-size", type=int, help="crop side in pixels (default: the strategy's choice)")
+    p.add_argument("--val-fraction", type=float, help="held-out share when the data has no val/ folder (0.2)")
+    p.add_argument("--class-weights", choices=["none", "auto"], help="auto: weight the loss by inverse frequency")
+    p.add_argument("--head", choices=["logistic", "knn"], help="extract head (default logistic)")
+    p.add_argument("--augment-views", type=int, help="augmented feature views per image for the extract head")
+    p.add_argument("--bn-policy", choices=["train", "frozen"], help="BatchNorm policy when fine-tuning")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], help="default auto (bf16 where native)")
+    p.add_argument("--seed", type=int, help="random seed (default 0)")
+    p.add_argument("--deterministic", action="store_true", default=None, help="deterministic kernels (slower)")
+    p.add_argument("--early-stopping", type=int, help="stop after N epochs without improvement")
+    p.add_argument("--cache-dir", help="feature cache folder (default $HEADSTART_CACHE or ~/.cache/headstart)")
+    p.add_argument("--config", help="YAML config file (see a run folder's config.yaml); flags override it")
+    p.add_argument("--out", help="run folder (default runs/<strategy>-<backbone>-<time>)")
+    p.add_argument("--overwrite", action="store_true", default=None, help="replace an existing run folder")
+    p.add_argument("--no-report", action="store_true", help="skip report.html (rebuild later: headstart report RUN)")
+    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the network (GPU speed)")
+
+    p = sub.add_parser("evaluate", help="metrics of a trained model on a labelled split")
+    p.add_argument("run", help="run folder of a trained model")
+    p.add_argument("data", help="dataset folder or CSV manifest")
+    p.add_argument("--split", default="val", choices=["train", "val", "test"])
+    p.add_argument("--json", dest="json_out", help="also write the metrics to this JSON file")
+
+    p = sub.add_parser("predict", help="classify images")
+    p.add_argument("run", help="run folder of a trained model")
+    p.add_argument("inputs", nargs="+", help="image files or folders")
+    p.add_argument("--top-k", type=int, default=1, help="classes to report per image")
+    p.add_argument("--output", help="write predictions to a .csv or .json file")
+    p.add_argument("--batch-size", type=int, default=32)
+
+    p = sub.add_parser("backbones", help="list backbones and whether their weights are available offline")
+    p.add_argument("--all", action="store_true", help="list every timm and torchvision model")
+
+    p = sub.add_parser("embed", help="write an embedding matrix for images (cached)")
+    p.add_argument("inputs", nargs="+", help="a dataset (folder/CSV), or image files and folders")
+    p.add_argument("--backbone", default="efficientnet_lite0", help="registry name, or a run folder's model")
+    p.add_argument("--weights", help="weights file for the backbone")
+    p.add_argument("--out", default="embeddings", help="output folder (embeddings.npy + ids.csv + meta.json)")
+    p.add_argument("--normalize", action="store_true", help="L2-normalise rows")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
+    p.add_argument("--no-cache", action="store_true", help="neither read nor fill the feature cache")
+    p.add_argument("--cache-dir", help="cache folder (default $HEADSTART_CACHE or ~/.cache/headstart)")
+
+    p = sub.add_parser("cache", help="inspect or clear the caches (features, prepared backbones, dataset scans)")
+    p.add_argument("action", choices=["info", "clear"])
+    p.add_argument("--cache-dir", help="cache folder (default $HEADSTART_CACHE or ~/.cache/headstart)")
+
+    p = sub.add_parser("demo", help="ants vs bees: compare extract, finetune and scratch, with reports")
+    p.add_argument("--out", default="runs/demo", help="comparison folder (default runs/demo)")
+    p.add_argument("--seeds", type=int, default=3, help="runs per strategy (default 3)")
+
+
+def _train(args: argparse.Namespace) -> int:
+    from headstart import config
+    from headstart.training.run import resume, train
+
+    if args.resume:
+        result = resume(args.resume)
+        return _print_result(result)
+    if not args.data:
+        raise ValueError("give a dataset folder or CSV manifest (or --resume RUN)")
+    base = config.load_yaml(config.TrainConfig, Path(args.config)) if args.config else None
+    result = train(
+        args.data,
+        config=base,
+        strategy=args.strategy,
+        backbone=args.backbone,
+        weights=args.weights,
+        epochs=args.epochs,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        input_size=args.input_size,
+        val_fraction=args.val_fraction,
+        class_weights=args.class_weights,
+        head=args.head,
+        augment_views=args.augment_views,
+        bn_policy=args.bn_policy,
+        precision=args.precision,
+        seed=args.seed,
+        deterministic=args.deterministic,
+        early_stopping=args.early_stopping,
+        cache_dir=args.cache_dir,
+        out=args.out,
+        overwrite=args.overwrite,
+        **{
+            "run.checkpoint_every": args.checkpoint_every,
+            "run.report": False if args.no_report else None,
+            "run.compile": args.compile,
+        },
+    )
+    return _print_result(result)
+
+
+def _print_result(result: Any) -> int:
+    if not result.metrics:
+        return 0  # a non-main process of a multi-process launch
+    from headstart.insight.metrics import format_metrics
+
+    print(format_metrics(result.metrics))
+    print(
+        f"\nstrategy {result.config.strategy}, backbone {result.config.model.backbone}: val accuracy "
+        f"{result.metrics['accuracy']:.4f} in {result.seconds:.1f} s; model in {result.run_dir}"
+    )
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from headstart.insight.metrics import format_metrics
+    from headstart.insight.predictor import load
+
+    metrics = load(args.run).evaluate(args.data, split=args.split)
+    print(format_metrics(metrics))
+    if metrics.get("skipped"):
+        print(f"\nskipped {len(metrics['skipped'])} unreadable file(s)")
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(metrics, indent=2))
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from headstart.insight.predictor import load, write_predictions
+
+    rows, failed = load(args.run).predict(args.inputs, top_k=args.top_k, batch_size=args.batch_size)
+    if args.output:
+        write_predictions(rows, Path(args.output))
+        print(f"wrote {len(rows)} predictions to {args.output}")
+    else:
+        for r in rows:
+            print(f"{r.path}\t" + "\t".join(f"{name}\t{p:.4f}" for name, p in r.top))
+    for path, reason in failed:
+        print(f"skipped {path}: {reason}", file=sys.stderr)
+    return 0
+
+
+def _backbones(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    from headstart.models.backbones import list_backbones
+
+    table = Table("backbone", "offline weights", "notes")
+    for name, offline, note in list_backbones(all_models=args.all):
+        table.add_row(escape(name), "yes" if offline else "-", escape(note))
+    Console().print(table)
+    print("Any timm model name and torchvision/<name> work; without offline weights they download when online.")
+    return 0
+
+
+def _embed(args: argparse.Namespace) -> int:
+    from headstart.features.embeddings import write_embeddings
+    from headstart.hardware import launch_rank
+
+    out = write_embeddings(
+        args.inputs,
+        Path(args.out),
+        backbone=args.backbone,
+        weights=args.weights,
+        l2_normalize=args.normalize,
+        batch_size=args.batch_size,
+        precision=args.precision,
+        use_cache=not args.no_cache,
+        cache_dir=args.cache_dir,
+    )
+    if launch_rank() != 0:
+        return 0  # every rank of a multi-process launch embedded its share; rank 0 wrote and reports
+    print(
+        f"wrote {out.features.shape[0]} x {out.features.shape[1]} embeddings to {args.out} "
+        f"({out.hits} from cache, {out.computed} computed, {len(out.failed)} unreadable)"
+    )
+    for path, reason in out.failed:
+        print(f"skipped {path}: {reason}", file=sys.stderr)
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from headstart.training.compare import demo
+
+    demo(out=args.out, seeds=args.seeds)
+    return 0
+
+
+def _cache(args: argparse.Namespace) -> int:
+    from headstart.features.embeddings import cache_clear, cache_info
+    from headstart.files import default_cache_root
+
+    root = Path(args.cache_dir) if args.cache_dir else None
+    if args.action == "clear":
+        print(f"removed {cache_clear(root)} cache entries from {default_cache_root(root)}")
+        return 0
+    rows = cache_info(root)
+    print(f"cache at {default_cache_root(root)}")
+    for name, entries, size in rows:
+        kind = "vectors" if not name.endswith("/") else "files"
+        print(f"  {name}: {entries} {kind}, {size / 2**20:.1f} MiB")
+    if not rows:
+        print("  (empty)")
+    return 0
+
+
+HANDLERS = {
+    "train": _train,
+    "evaluate": _evaluate,
+    "predict": _predict,
+    "backbones": _backbones,
+    "embed": _embed,
+    "demo": _demo,
+    "cache": _cache,
+}

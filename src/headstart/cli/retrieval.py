@@ -1,0 +1,210 @@
+"""Subcommands ``autoencoder train|score``, ``index build|add|remove|evaluate`` and ``search``.
+
+Hooked into :mod:`headstart.cli.app` by calling :func:`add_parsers` on its sub-parsers; each handler parses, calls one
+library function of :mod:`headstart.training.autoencoder` or :mod:`headstart.features.retrieval`, and prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    """Add the autoencoder, index and search sub-parsers."""
+    p = sub.add_parser("autoencoder", help="train an autoencoder on unlabelled images, or score images by it")
+    actions = p.add_subparsers(dest="action", required=True)
+    a = actions.add_parser("train", help="train a (conv or pretrained-encoder) autoencoder; labels are ignored")
+    a.add_argument("data", help="folder of images (class sub-folders are fine)")
+    a.add_argument("--encoder", help="conv (default, trained from scratch) or a backbone name (pretrained encoder)")
+    a.add_argument("--encoder-weights", help="weights file for a backbone encoder")
+    a.add_argument("--finetune-encoder", action="store_true", default=None, help="also train a backbone encoder")
+    a.add_argument("--latent-dim", type=int, help="latent vector width (default 128)")
+    a.add_argument("--image-size", type=int, help="side of the reconstructed picture, a power of two (default 64)")
+    a.add_argument("--width", type=int, help="channels of the first conv layer (default 32)")
+    a.add_argument("--epochs", type=int, help="passes over the images (default 20)")
+    a.add_argument("--lr", type=float, help="AdamW learning rate (default 2e-3)")
+    a.add_argument("--loss", choices=["mse", "l1"], help="reconstruction loss (default mse)")
+    a.add_argument("--augment", choices=["none", "light", "strong"], help="augmentation (default light)")
+    a.add_argument("--batch-size", type=int, help="images per step (default 32)")
+    a.add_argument("--val-fraction", type=float, help="held-out share of images (default 0.1)")
+    a.add_argument("--precision", choices=["auto", "bf16", "fp32"])
+    a.add_argument("--seed", type=int)
+    a.add_argument("--cache-dir", help="feature cache folder (frozen backbone encoders)")
+    a.add_argument("--out", help="run folder (default runs/autoencoder-<encoder>-<time>)")
+    a.add_argument("--overwrite", action="store_true", default=None, help="replace an existing run folder")
+    a = actions.add_parser("score", help="anomaly score (reconstruction error) of images; higher is more unusual")
+    a.add_argument("run", help="autoencoder run folder")
+    a.add_argument("images", nargs="+", help="image files or folders")
+    a.add_argument("--batch-size", type=int, default=32)
+    a.add_argument("--output", help="also write path,score rows to this CSV file")
+
+    p = sub.add_parser("index", help="build, grow, shrink or evaluate an image retrieval index")
+    actions = p.add_subparsers(dest="action", required=True)
+    a = actions.add_parser("build", help="embed images (through the cache) into a FAISS index")
+    a.add_argument("data", nargs="+", help="a dataset folder/CSV (labels kept), or image files and folders")
+    a.add_argument("--out", required=True, help="index folder to write")
+    a.add_argument("--backbone", default="efficientnet_lite0", help="registry name, ae:RUN or run:RUN")
+    a.add_argument("--weights", help="weights file for the backbone")
+    a.add_argument("--index", dest="kind", default="flat", choices=["flat", "ivf", "hnsw"],
+                   help="flat: exact (default); ivf or hnsw: approximate, for large collections")  # fmt: skip
+    a.add_argument("--nlist", type=int, help="IVF lists (default about 2 sqrt(N))")
+    a.add_argument("--nprobe", type=int, help="IVF lists searched per query (default 16)")
+    a.add_argument("--hnsw-m", type=int, help="HNSW links per node (default 16)")
+    a.add_argument("--ef-search", type=int, help="HNSW search breadth (default 64)")
+    a.add_argument("--batch-size", type=int, default=32)
+    a.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
+    a.add_argument("--cache-dir", help="feature cache folder")
+    a.add_argument("--overwrite", action="store_true", help="replace an existing index folder")
+    a = actions.add_parser("add", help="add images to an index in place (new ids, no rebuild)")
+    a.add_argument("index", help="index folder")
+    a.add_argument("files", nargs="+", help="image files or folders")
+    a.add_argument("--label", default="", help="class name to record for these images")
+    a.add_argument("--cache-dir", help="feature cache folder")
+    a = actions.add_parser("remove", help="remove images from an index by id or path")
+    a.add_argument("index", help="index folder")
+    a.add_argument("items", nargs="+", help="ids, or paths of indexed images (a folder removes all below it)")
+    a = actions.add_parser("evaluate", help="leave-one-out precision@k, recall@k, mAP@k of a labelled index")
+    a.add_argument("index", help="index folder")
+    a.add_argument("-k", type=int, nargs="+", default=[1, 5, 10], help="cut-offs (default 1 5 10)")
+    a.add_argument("--json", dest="json_out", help="also write the metrics to this JSON file")
+
+    p = sub.add_parser("search", help="find the indexed images most like each query image")
+    p.add_argument("index", help="index folder")
+    p.add_argument("queries", nargs="+", help="query image files or folders")
+    p.add_argument("-k", type=int, default=10, help="results per query (default 10)")
+    p.add_argument("--backbone", help="check the query network against the index's (default: use the index's)")
+    p.add_argument("--weights", help="weights file for --backbone")
+    p.add_argument("--json", dest="json_out", help="write results as JSON to this file ('-' for stdout)")
+    p.add_argument("--sheet", help="write a contact sheet (PNG) of each query beside its results")
+    p.add_argument("--cache-dir", help="feature cache folder")
+
+
+def _autoencoder(args: argparse.Namespace) -> int:
+    return _ae_train(args) if args.action == "train" else _ae_score(args)
+
+
+def _ae_train(args: argparse.Namespace) -> int:
+    from headstart.training.autoencoder import train_autoencoder
+
+    result = train_autoencoder(
+        args.data, encoder=args.encoder, encoder_weights=args.encoder_weights, finetune_encoder=args.finetune_encoder,
+        latent_dim=args.latent_dim, image_size=args.image_size, width=args.width, epochs=args.epochs, lr=args.lr,
+        loss=args.loss, augment=args.augment, batch_size=args.batch_size, val_fraction=args.val_fraction,
+        precision=args.precision, seed=args.seed, cache_dir=args.cache_dir, out=args.out, overwrite=args.overwrite,
+    )  # fmt: skip
+    last = result.history[-1]
+    print(f"autoencoder ({result.config.encoder}, latent {result.config.latent_dim}): best val reconstruction error "
+          f"{result.val_loss:.4f}, last train loss {last['train_loss']:.4f}, {result.seconds:.1f} s; "
+          f"run folder {result.run_dir} (use it as --backbone ae:{result.run_dir})")  # fmt: skip
+    return 0
+
+
+def _ae_score(args: argparse.Namespace) -> int:
+    from headstart.training.autoencoder import score
+
+    scores = score(args.run, args.images, batch_size=args.batch_size)
+    order = scores.errors.argsort()[::-1]
+    for i in order:
+        print(f"{scores.errors[i]:.5f}\t{scores.paths[i]}")
+    if args.output:
+        import csv
+
+        with Path(args.output).open("w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["path", "score"])
+            writer.writerows([str(scores.paths[i]), f"{scores.errors[i]:.6f}"] for i in order)
+    for path, reason in scores.failed:
+        print(f"skipped {path}: {reason}", file=sys.stderr)
+    return 0
+
+
+def _index(args: argparse.Namespace) -> int:
+    handlers = {"build": _index_build, "add": _index_add, "remove": _index_remove, "evaluate": _index_evaluate}
+    return handlers[args.action](args)
+
+
+def _index_build(args: argparse.Namespace) -> int:
+    from headstart.features.retrieval import build_index
+
+    given = {"nlist": args.nlist, "nprobe": args.nprobe, "m": args.hnsw_m, "ef_search": args.ef_search}
+    index, failed = build_index(
+        args.data if len(args.data) > 1 else args.data[0], args.out, backbone=args.backbone, weights=args.weights,
+        kind=args.kind, params={k: v for k, v in given.items() if v is not None}, batch_size=args.batch_size,
+        precision=args.precision, cache_dir=args.cache_dir, overwrite=args.overwrite,
+    )  # fmt: skip
+    from headstart.hardware import distributed
+
+    if distributed()[1] != 0:
+        return 0  # rank 0 reports
+    params = ", ".join(f"{k}={v}" for k, v in index.params.items())
+    print(f"indexed {len(index)} images ({index.dim}-d, {index.kind}{f' {params}' if params else ''}) "
+          f"with {index.meta['backbone']} into {args.out}")  # fmt: skip
+    for path, reason in failed:
+        print(f"skipped {path}: {reason}", file=sys.stderr)
+    return 0
+
+
+def _index_add(args: argparse.Namespace) -> int:
+    from headstart.features.retrieval import add_images
+
+    ids, failed = add_images(args.index, args.files, label=args.label, cache_dir=args.cache_dir)
+    span = f" (ids {ids.min()}-{ids.max()})" if len(ids) else ""
+    print(f"added {len(ids)} images to {args.index}{span}")
+    for path, reason in failed:
+        print(f"skipped {path}: {reason}", file=sys.stderr)
+    return 0
+
+
+def _index_remove(args: argparse.Namespace) -> int:
+    from headstart.features.retrieval import remove_images
+
+    print(f"removed {remove_images(args.index, args.items)} items from {args.index}")
+    return 0
+
+
+def _index_evaluate(args: argparse.Namespace) -> int:
+    from headstart.features.retrieval import evaluate_index
+
+    metrics = evaluate_index(args.index, args.k)
+    print(f"leave-one-out retrieval over {metrics['queries']} labelled images")
+    print(f"{'k':>4}{'precision':>11}{'recall':>9}{'mAP':>8}")
+    for k in args.k:
+        print(f"{k:>4}{metrics[f'precision@{k}']:>11.4f}{metrics[f'recall@{k}']:>9.4f}{metrics[f'map@{k}']:>8.4f}")
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(metrics, indent=2))
+    return 0
+
+
+def _search(args: argparse.Namespace) -> int:
+    from headstart.features.retrieval import contact_sheet, search_images
+
+    results, failed = search_images(args.index, args.queries, k=args.k, backbone=args.backbone,
+                                    weights=args.weights, cache_dir=args.cache_dir)  # fmt: skip
+    if args.json_out:
+        rows = [{"query": str(r.query), "results": [{"id": item.id, "path": item.path, "label": item.label,
+                 "score": score} for item, score in r.hits]} for r in results]  # fmt: skip
+        text = json.dumps(rows, indent=2)
+        if args.json_out == "-":
+            print(text)
+        else:
+            Path(args.json_out).write_text(text)
+    if args.json_out != "-":
+        for r in results:
+            print(f"{r.query}")
+            for rank, (item, score) in enumerate(r.hits, start=1):
+                print(f"  {rank:>3}  {score:.4f}  {item.label or '-':<12} {item.path}  (id {item.id})")
+    if args.sheet:
+        print(f"contact sheet: {contact_sheet(results, args.sheet)}", file=sys.stderr if args.json_out == "-" else None)
+    for path, reason in failed:
+        print(f"skipped {path}: {reason}", file=sys.stderr)
+    return 0
+
+
+HANDLERS = {
+    "autoencoder": _autoencoder,
+    "index": _index,
+    "search": _search,
+}

@@ -1,0 +1,47 @@
+"""``headstart export`` and ``headstart serve``: a trained model as a portable file, or as a web service."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    """Add the ``export`` and ``serve`` subcommands."""
+    p = sub.add_parser("export", help="write a trained model as ONNX or TorchScript, preprocessing and classes inside")
+    p.add_argument("run", help="run folder of a trained model")
+    p.add_argument("--format", default="onnx", choices=["onnx", "torchscript"])
+    p.add_argument("--out", help="output file (default RUN/<what>.onnx or RUN/<what>.torchscript.pt)")
+    p.add_argument("--what", default="classifier", choices=["classifier", "embedder"],
+                   help="classifier: class logits; embedder: the backbone's features")  # fmt: skip
+    p.add_argument("--input", default="float", choices=["float", "uint8"],
+                   help="float: normalised float32 NCHW; uint8: cropped pixels, normalised in-graph")  # fmt: skip
+    p.add_argument("--exporter", default="auto", choices=["auto", "dynamo", "legacy"],
+                   help="ONNX exporter: dynamo (torch.export), legacy (TorchScript), auto: dynamo first")  # fmt: skip
+
+    p = sub.add_parser("serve", help="serve a trained model over HTTP: REST API and a web page")
+    p.add_argument("run", help="run folder of a trained model")
+    p.add_argument("--index", help="retrieval index folder (`headstart index build`) for /search and thumbnails")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-upload-mb", type=float, default=16.0, help="largest request body; larger ones get 413")
+
+
+def _export(args: argparse.Namespace) -> int:
+    from headstart.serving.export import export
+
+    path = export(args.run, args.format, args.out, args.what, input=args.input, exporter=args.exporter)
+    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from headstart.serving.serve import run
+
+    run(args.run, args.index, args.host, args.port, max_upload_bytes=int(args.max_upload_mb * 2**20))
+    return 0
+
+
+HANDLERS = {
+    "export": _export,
+    "serve": _serve,
+}

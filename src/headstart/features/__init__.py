@@ -1,0 +1,1 @@
+"""Networks run over images: batched inference, embeddings and their on-disk cache, FAISS retrieval."""

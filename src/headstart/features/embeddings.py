@@ -1,0 +1,332 @@
+"""Batched feature extraction with an on-disk cache keyed by image content, weights, preprocessing and precision.
+
+Each image's features are computed once and kept: a second run over the same images recomputes nothing, a change of
+weights, preprocessing or precision moves to another cache folder, and an edited image gets a new content digest.
+Every entry carries a CRC-32; a corrupt one is detected, deleted and recomputed, never used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from headstart.data.scan import ImageRecord, content_digest
+from headstart.features.inference import run_model
+from headstart.files import atomic_write_bytes, default_cache_root
+from headstart.hardware import distributed, pick_device, resolve_precision
+from headstart.models.backbones import Backbone
+from headstart.models.prepared import PreparedBackbone, load_backbone
+
+_CRC = struct.Struct("<I")
+
+
+class FeatureCache:
+    """One folder of feature vectors for one (backbone weights, preprocessing, precision, view) combination."""
+
+    def __init__(self, root: Path, key: str, dim: int):
+        self.folder = root / "features" / key
+        self.dim = dim
+        self.hits = 0
+        self.misses = 0
+        self.corrupt = 0
+
+    def _path(self, digest: str) -> Path:
+        return self.folder / digest[:2] / f"{digest}.f32"
+
+    def get(self, digest: str) -> np.ndarray | None:
+        """The stored vector, or None when absent or corrupt (a corrupt entry is deleted)."""
+        path = self._path(digest)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            self.misses += 1
+            return None
+        body, tail = data[:-4], data[-4:]
+        if len(body) != 4 * self.dim or _CRC.unpack(tail)[0] != zlib.crc32(body):
+            self.corrupt += 1
+            self.misses += 1
+            path.unlink(missing_ok=True)
+            return None
+        self.hits += 1
+        return np.frombuffer(body, dtype=np.float32)
+
+    def put(self, digest: str, vector: np.ndarray) -> None:
+        """Store a vector atomically."""
+        body = np.ascontiguousarray(vector, dtype=np.float32).tobytes()
+        atomic_write_bytes(self._path(digest), body + _CRC.pack(zlib.crc32(body)))
+
+
+def cache_key(backbone: Backbone | PreparedBackbone, precision: str, view: str = "center") -> str:
+    """Folder name for a backbone's features: weights fingerprint, preprocessing, precision and view."""
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in backbone.name)[:40]
+    return f"{safe}-{backbone.fingerprint()[:16]}-{backbone.preprocessing.key()}-{precision}-{view}"
+
+
+def file_digest(path: Path) -> str:
+    """Content digest of a file, identical to the one the data scan computes."""
+    return content_digest(path.read_bytes())
+
+
+@dataclass
+class Embeddings:
+    """Features of the images that could be decoded, in input order."""
+
+    features: np.ndarray  # [N_ok, D] float32
+    index: np.ndarray  # positions of those images in the input sequence
+    failed: list[tuple[Path, str]] = field(default_factory=list)  # (file, reason) of images that could not be read
+    hits: int = 0  # served from the cache
+    computed: int = 0  # run through the network
+
+
+def as_records(items: Sequence[ImageRecord] | Sequence[Path]) -> list[ImageRecord]:
+    """Records for a mix of records and bare paths (bare paths get a content digest and label -1)."""
+    out: list[ImageRecord] = []
+    for item in items:
+        if isinstance(item, ImageRecord):
+            out.append(item)
+        else:
+            path = Path(item)
+            try:
+                digest = file_digest(path)
+            except OSError:
+                digest = "unreadable-" + hashlib.blake2b(str(path).encode(), digest_size=8).hexdigest()
+            out.append(ImageRecord(path, -1, digest, 0, 0, ""))
+    return out
+
+
+def embed(
+    backbone: Backbone | PreparedBackbone,
+    items: Sequence[ImageRecord] | Sequence[Path],
+    *,
+    batch_size: int = 32,
+    precision: str = "auto",
+    device: torch.device | None = None,
+    cache_root: Path | None = None,
+    use_cache: bool = True,
+    workers: int = -1,
+    channels_last: bool = True,
+    l2_normalize: bool = False,
+    description: str = "embedding",
+    view: str = "center",
+    augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> Embeddings:
+    """Features of every image, from the cache where possible.
+
+    Args:
+        backbone: the feature network (its preprocessing is used), or its stored description, which builds the
+            network only when some image is not in the cache.
+        items: image records (from a data scan) or file paths.
+        batch_size: images per forward pass.
+        precision: ``auto``, ``bf16`` or ``fp32``.
+        device: where to run; default CUDA > MPS > CPU.
+        cache_root: cache folder root; default :func:`default_cache_root`.
+        use_cache: read and fill the cache.
+        workers: worker processes; -1 picks (on a multi-core CPU one per core, each decoding and computing; see
+            :func:`headstart.features.inference.run_model`); 0 does everything in this process.
+        channels_last: NHWC memory format, faster for convolutions.
+        l2_normalize: return unit-length rows (cosine geometry for retrieval).
+        description: label of the progress bar.
+        view: cache name of the view; anything but ``center`` must come with ``augment``.
+        augment: transform of the decoded base image for augmented views.
+    """
+    device = device or pick_device()
+    precision = resolve_precision(precision, device)
+    records = as_records(items)
+    dim = backbone.num_features
+    features = np.zeros((len(records), dim), dtype=np.float32)
+    ok = np.zeros(len(records), dtype=bool)
+    cache = (
+        FeatureCache(default_cache_root(cache_root), cache_key(backbone, precision, view), dim) if use_cache else None
+    )
+    todo = _lookup(cache, records, features, ok)
+    network = backbone
+    if todo and isinstance(backbone, PreparedBackbone):
+        network = backbone.network()
+        key = cache_key(backbone, precision, view)  # the built network's: differs when the stored entry was stale
+        if cache is not None and key != cache.folder.name:
+            cache = FeatureCache(default_cache_root(cache_root), key, dim)
+            ok[:] = False
+            todo = _lookup(cache, records, features, ok)
+    failed: list[tuple[Path, str]] = []
+    world, rank = distributed()
+    if world > 1:
+        # Every rank must take the same branch below and meet in the same collective. Their caches may disagree
+        # (private caches, or a share another rank wrote while this one was still looking up), so they agree on
+        # the union of what is missing.
+        todo = _agree(todo, world)
+        if todo and isinstance(network, PreparedBackbone):
+            network = network.network()
+    if todo:
+        assert isinstance(network, Backbone)
+        mine = todo[rank::world]  # under a multi-process launch each rank embeds its share of the misses
+        computed = run_model(
+            network, [records[i] for i in mine], backbone.preprocessing, dim, batch_size=batch_size,
+            precision=precision, device=device, workers=workers, channels_last=channels_last, description=description,
+            augment=augment,
+        )  # fmt: skip
+        for j in np.flatnonzero(computed.ok):
+            if cache is not None:
+                cache.put(records[mine[j]].digest, computed.values[j])
+        shards = [(mine, computed.values, computed.ok, computed.failed)]
+        if world > 1:
+            import torch.distributed as dist
+
+            gathered: list[Any] = [None] * world
+            dist.all_gather_object(gathered, shards[0])
+            shards = gathered
+        for positions, values, done, lost in shards:  # merged back in input order
+            for j in np.flatnonzero(done):
+                features[positions[j]] = values[j]
+                ok[positions[j]] = True
+            failed += lost
+        failed.sort(key=lambda item: str(item[0]))
+    index = np.flatnonzero(ok)
+    out = features[index]
+    if l2_normalize:
+        out = out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+    return Embeddings(out, index, failed, hits=len(records) - len(todo), computed=len(todo) - len(failed))
+
+
+def _agree(todo: list[int], world: int) -> list[int]:
+    """The sorted union of every rank's missing positions (a collective: every rank calls it)."""
+    import torch.distributed as dist
+
+    everyone: list[Any] = [None] * world
+    dist.all_gather_object(everyone, todo)
+    return sorted(set().union(*everyone))
+
+
+def _lookup(cache: FeatureCache | None, records: list[ImageRecord], features: np.ndarray, ok: np.ndarray) -> list[int]:
+    """Fill ``features``/``ok`` from the cache; returns the positions still to compute."""
+    todo: list[int] = []
+    for i, record in enumerate(records):
+        vector = cache.get(record.digest) if cache is not None else None
+        if vector is None:
+            todo.append(i)
+        else:
+            features[i] = vector
+            ok[i] = True
+    return todo
+
+
+def cache_info(cache_root: Path | None = None) -> list[tuple[str, int, int]]:
+    """(folder, entries, bytes) of every feature-cache folder, then of the stored backbones and dataset scans."""
+    root = default_cache_root(cache_root)
+    rows = []
+    if (root / "features").is_dir():
+        for folder in sorted(p for p in (root / "features").iterdir() if p.is_dir()):
+            files = list(folder.rglob("*.f32"))
+            rows.append((folder.name, len(files), sum(f.stat().st_size for f in files)))
+    for name, pattern in (("backbones", "*.safetensors"), ("scans", "*.json")):
+        files = sorted((root / name).glob(pattern)) if (root / name).is_dir() else []
+        if files:
+            rows.append((f"{name}/", len(files), sum(f.stat().st_size for f in files)))
+    return rows
+
+
+def cache_clear(cache_root: Path | None = None) -> int:
+    """Delete every cached feature vector, stored backbone and dataset scan; returns how many entries were removed."""
+    import shutil
+
+    root = default_cache_root(cache_root)
+    count = sum(n for _, n, _ in cache_info(cache_root))
+    for name in ("features", "backbones", "scans"):
+        if (root / name).is_dir():
+            shutil.rmtree(root / name)
+    return count
+
+
+def dataset_or_files(
+    inputs: Sequence[str | os.PathLike[str]], cache_root: Path | None = None
+) -> tuple[list[ImageRecord], list[str], list[str]]:
+    """Records, their split names, and class names: a dataset when one folder/CSV of classes is given, else files.
+
+    ``cache_root`` lets the dataset scan reuse what earlier scans learned (see :class:`headstart.data.scan.ScanCache`).
+    """
+    from headstart.data.scan import collect_files, load_dataset
+    from headstart.errors import DataError
+
+    if len(inputs) == 1:
+        path = Path(inputs[0])
+        is_dataset = path.suffix.lower() == ".csv" or (
+            path.is_dir() and any(p.is_dir() for p in path.iterdir()) and not any(p.is_file() for p in path.iterdir())
+        )
+        if is_dataset:
+            try:
+                ds = load_dataset(path, cache_root=cache_root)
+            except DataError:
+                ds = None
+            if ds is not None:
+                records = ds.train + ds.val + ds.test
+                splits = ["train"] * len(ds.train) + ["val"] * len(ds.val) + ["test"] * len(ds.test)
+                return records, splits, ds.classes
+    files = collect_files(inputs)
+    return as_records(files), [""] * len(files), []
+
+
+def write_embeddings(
+    inputs: Sequence[str | os.PathLike[str]],
+    out: Path,
+    backbone: str = "efficientnet_lite0",
+    weights: str | None = None,
+    l2_normalize: bool = False,
+    batch_size: int = 32,
+    precision: str = "auto",
+    use_cache: bool = True,
+    cache_dir: str | None = None,
+) -> Embeddings:
+    """Embed a dataset or image files and write ``embeddings.npy``, ``ids.csv`` and ``meta.json`` into ``out``.
+
+    Under ``torchrun``/``accelerate launch`` the images are sharded across the processes and merged in input order;
+    rank 0 writes the files.
+
+    ``ids.csv`` has one row per embedding row: ``path,label,split,digest`` (label empty when unknown).
+    """
+    import csv
+    import json
+
+    from headstart.models.backbones import create_backbone
+
+    root = default_cache_root(cache_dir)
+    records, splits, classes = dataset_or_files(inputs, root if use_cache else None)
+    # With the cache on, the stored description serves: the network is built only for images not in the cache.
+    model = load_backbone(backbone, weights, root) if use_cache else create_backbone(backbone, weights=weights)
+    _, rank = distributed()  # before picking the device: a GPU launch gives each rank its own card
+    device = pick_device()
+    resolved = resolve_precision(precision, device)
+    result = embed(
+        model, records, batch_size=batch_size, precision=resolved, device=device, use_cache=use_cache,
+        cache_root=root, l2_normalize=l2_normalize,
+    )  # fmt: skip
+    if rank != 0:
+        return result  # every rank holds the merged result; one writes it
+    out.mkdir(parents=True, exist_ok=True)
+    np.save(out / "embeddings.npy", result.features)
+    with (out / "ids.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "label", "split", "digest"])
+        for i in result.index:
+            r = records[i]
+            writer.writerow([str(r.path), classes[r.label] if r.label >= 0 and classes else "", splits[i], r.digest])
+    meta = {
+        "backbone": model.name,
+        "weights_source": model.weights_source,
+        "fingerprint": model.fingerprint(),
+        "preprocessing": model.preprocessing.to_dict(),
+        "precision": resolved,
+        "l2_normalized": l2_normalize,
+        "shape": list(result.features.shape),
+        "classes": classes,
+        "failed": [[str(p), why] for p, why in result.failed],
+    }
+    (out / "meta.json").write_text(json.dumps(meta, indent=2))
+    return result

@@ -1,0 +1,69 @@
+"""Files: atomic writes, safetensors files, the library versions recorded with every saved file, the cache root."""
+
+from __future__ import annotations
+
+import os
+import platform
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+
+def default_cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """``cache_dir``, else ``$HEADSTART_CACHE``, else ``~/.cache/headstart``."""
+    root = cache_dir or os.environ.get("HEADSTART_CACHE") or Path.home() / ".cache" / "headstart"
+    return Path(root).expanduser()
+
+
+def versions() -> dict[str, str]:
+    """Library versions recorded with every model (read from the installed metadata: importing timm and torchvision
+    to ask them would cost seconds)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from headstart._version import __version__
+
+    def installed(package: str) -> str:
+        try:
+            return version(package)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return {
+        "headstart": __version__,
+        "torch": torch.__version__,
+        "torchvision": installed("torchvision"),
+        "timm": installed("timm"),
+        "python": platform.python_version(),
+    }
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write a file so that a crash leaves either the old file or the new one, never a torn one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """Atomically write tensors as safetensors."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

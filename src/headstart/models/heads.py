@@ -1,0 +1,224 @@
+"""Heads trained on frozen features in seconds: L2-regularised logistic regression (C chosen by cross-validation)
+and a kNN vote. Both become ordinary ``nn.Module`` heads of a :class:`~headstart.models.classifier.Classifier`.
+
+The logistic regression minimises scikit-learn's ``LogisticRegression`` objective (``0.5 * |W|^2 + C * sum of
+sample-weighted log-losses``, intercept unpenalised, one logit for two classes, softmax otherwise) with SciPy's
+L-BFGS-B, as scikit-learn itself does; it is written here because importing scikit-learn costs 1.3 s, more than the
+whole fit of a cached extract run. When the features are wider than there are rows, the problem is solved exactly in
+the row space of the standardised training features (the optimum lies there, and every cross-validation subset's
+row space is inside it), which makes each fit several times cheaper.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from scipy.optimize import minimize
+from scipy.special import expit
+from torch import nn
+
+from headstart.models.classifier import KNNHead
+
+C_GRID = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0)  # inverse L2 strengths searched on standardised features
+
+
+def _standardise(features: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    features = features.astype(np.float64)
+    mean = features.mean(0)
+    std = features.std(0) + 1e-6
+    return (features - mean) / std, mean, std
+
+
+def _row_space(x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """``x`` in coordinates of its row space (``x = coords @ basis``), when that is narrower than ``x``.
+
+    From the eigendecomposition of the N x N Gram matrix, which is cheaper than an SVD of the N x D matrix.
+    """
+    if x.shape[1] <= x.shape[0]:
+        return x, None
+    values, vectors = np.linalg.eigh(x @ x.T)
+    keep = values > max(float(values[-1]), 0.0) * 1e-12
+    singular = np.sqrt(values[keep])
+    coords = vectors[:, keep] * singular
+    return coords, (vectors[:, keep] / singular).T @ x
+
+
+def group_folds(labels: np.ndarray, groups: np.ndarray, folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Stratified k-fold over groups: every row of a group (the views of one image) lands in the same fold.
+
+    Each class's groups are shuffled and dealt round-robin, continuing the count across classes, so folds differ in
+    size by at most one group and each holds its share of every class.
+    """
+    rng = np.random.default_rng(seed)
+    unique, first = np.unique(groups, return_index=True)
+    fold_of_group: dict[int, int] = {}
+    turn = 0
+    for label in np.unique(labels):
+        members = unique[labels[first] == label]
+        for group in members[rng.permutation(len(members))]:
+            fold_of_group[int(group)] = turn % folds
+            turn += 1
+    assignment = np.array([fold_of_group[int(g)] for g in groups])
+    return [(np.flatnonzero(assignment != k), np.flatnonzero(assignment == k)) for k in range(folds)]
+
+
+def _balanced_weights(labels: np.ndarray) -> np.ndarray:
+    """scikit-learn's ``class_weight="balanced"``: n / (classes * count of the row's class)."""
+    present, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    return len(labels) / (len(present) * counts[inverse].astype(np.float64))
+
+
+def _solve(
+    x: np.ndarray, y: np.ndarray, c: float, sample_weight: np.ndarray, start: np.ndarray | None, max_iter: int
+) -> np.ndarray:
+    """Minimise the L2-penalised log-loss; returns the flat parameters ``[W (D x R), b (R)]``.
+
+    ``y`` holds indices into the classes present (0..K-1); R is 1 for two classes (one logit), K otherwise.
+    """
+    n, d = x.shape
+    k = int(y.max()) + 1
+    r = 1 if k == 2 else k
+    scale = 1.0 / sample_weight.sum()  # the mean loss keeps the gradient's size independent of n; same minimiser
+    onehot = np.eye(k)[y] if r > 1 else y[:, None].astype(np.float64)
+
+    def loss_grad(theta: np.ndarray) -> tuple[float, np.ndarray]:
+        w = theta[: d * r].reshape(d, r)
+        z = x @ w + theta[d * r :]
+        if r == 1:
+            losses = np.logaddexp(0.0, z[:, 0]) - onehot[:, 0] * z[:, 0]
+            residual = (expit(z) - onehot) * sample_weight[:, None]
+        else:
+            top = z.max(1, keepdims=True)
+            log_norm = top + np.log(np.exp(z - top).sum(1, keepdims=True))
+            losses = (log_norm - z)[np.arange(n), y]
+            residual = (np.exp(z - log_norm) - onehot) * sample_weight[:, None]
+        value = scale * (0.5 * float((w * w).sum()) + c * float(losses @ sample_weight))
+        grad = np.concatenate([(scale * (w + c * (x.T @ residual))).ravel(), scale * c * residual.sum(0)])
+        return value, grad
+
+    theta0 = np.zeros(d * r + r) if start is None else start
+    result = minimize(loss_grad, theta0, jac=True, method="L-BFGS-B", options={"maxiter": max_iter, "gtol": 1e-7})
+    return np.asarray(result.x)
+
+
+class _Problem:
+    """Standardised features in row-space coordinates, shared by every fit of one cross-validation."""
+
+    def __init__(self, features: np.ndarray):
+        x, self.mean, self.std = _standardise(features)
+        self.coords, self.basis = _row_space(x)
+
+    def fit(
+        self, rows: np.ndarray, labels: np.ndarray, c: float, class_weight: str | None, start: np.ndarray | None = None,
+        max_iter: int = 1000,
+    ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+        """Fit on ``rows``; returns (classes present, flat parameters in row-space coordinates)."""
+        present, y = np.unique(labels[rows], return_inverse=True)
+        if len(present) < 2:
+            raise ValueError(f"a logistic head needs two classes or more among its training rows, got only {present}")
+        weight = _balanced_weights(y) if class_weight == "balanced" else np.ones(len(y))
+        return present, _solve(self.coords[rows], y, c, weight, start, max_iter)
+
+    def logits(self, theta: np.ndarray, n_present: int, rows: np.ndarray | slice = slice(None)) -> np.ndarray:
+        """Logits [N, K] over the classes present (a binary fit's one logit becomes -z/2, z/2)."""
+        r = 1 if n_present == 2 else n_present
+        d = self.coords.shape[1]
+        z = self.coords[rows] @ theta[: d * r].reshape(d, r) + theta[d * r :]
+        return np.concatenate([-z / 2, z / 2], axis=1) if r == 1 else z
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max(1, keepdims=True))
+    return np.asarray(e / e.sum(1, keepdims=True))
+
+
+def choose_c(
+    features: np.ndarray, labels: np.ndarray, grid: tuple[float, ...] = C_GRID, folds: int = 5, seed: int = 0,
+    class_weight: str | None = None, groups: np.ndarray | None = None,
+) -> tuple[float, dict[float, float]]:  # fmt: skip
+    """Pick the L2 strength with the best stratified k-fold log-loss; returns (C, {C: mean accuracy}).
+
+    ``groups`` keeps rows of one image (augmented views) in the same fold, so that CV never tests on a training view.
+    Within a fold the fits run from strong to weak regularisation, each starting from the previous solution.
+    """
+    return _choose_c(_Problem(features), labels, grid, folds, seed, class_weight, groups)
+
+
+def _choose_c(
+    problem: _Problem, labels: np.ndarray, grid: tuple[float, ...], folds: int, seed: int, class_weight: str | None,
+    groups: np.ndarray | None,
+) -> tuple[float, dict[float, float]]:  # fmt: skip
+    groups = np.arange(len(labels)) if groups is None else groups
+    folds = max(2, min(folds, int(np.bincount(labels[np.unique(groups, return_index=True)[1]]).min())))
+    losses: dict[float, list[float]] = {c: [] for c in grid}
+    accs: dict[float, list[float]] = {c: [] for c in grid}
+    for train_idx, test_idx in group_folds(labels, groups, folds, seed):
+        start = None
+        for c in sorted(grid):
+            present, theta = problem.fit(train_idx, labels, c, class_weight, start)
+            start = theta
+            probs = np.clip(_softmax(problem.logits(theta, len(present), test_idx)), 1e-7, 1.0)
+            cols = np.searchsorted(present, labels[test_idx]).clip(max=len(present) - 1)
+            known = present[cols] == labels[test_idx]  # a class absent from this fold's training rows scores 1e-7
+            row_probs = np.where(known, probs[np.arange(len(test_idx)), cols], 1e-7)
+            losses[c].append(float(-np.log(row_probs).mean()))
+            accs[c].append(float((present[probs.argmax(1)] == labels[test_idx]).mean()))
+    best = min(grid, key=lambda c: float(np.mean(losses[c])))
+    return best, {c: float(np.mean(a)) for c, a in accs.items()}
+
+
+def fit_logistic(
+    features: np.ndarray, labels: np.ndarray, num_classes: int, c: float | None = None, class_weight: str | None = None,
+    seed: int = 0, groups: np.ndarray | None = None,
+) -> tuple[nn.Linear, dict[str, float]]:  # fmt: skip
+    """Train a linear head; standardisation is folded into its weights so it applies to raw backbone features.
+
+    Args:
+        features: [N, D] training features.
+        labels: [N] class indices.
+        num_classes: output width (classes absent from ``labels`` get a very negative bias).
+        c: inverse L2 strength; None chooses it by cross-validation.
+        class_weight: ``"balanced"`` for inverse-frequency weighting.
+        seed: fold shuffling seed.
+        groups: image identity per row when rows include augmented views (keeps views in one CV fold).
+
+    Returns:
+        The head and a summary (chosen C, cross-validated accuracy).
+    """
+    info: dict[str, float] = {}
+    problem = _Problem(features)
+    if c is None:
+        c, accs = _choose_c(problem, labels, C_GRID, 5, seed, class_weight, groups)
+        info["cv_accuracy"] = accs[c]
+    info["C"] = c
+    present, theta = problem.fit(np.arange(len(labels)), labels, c, class_weight)
+    r = 1 if len(present) == 2 else len(present)
+    d = problem.coords.shape[1]
+    coef = theta[: d * r].reshape(d, r).T  # [R, D'] in row-space coordinates
+    if problem.basis is not None:
+        coef = coef @ problem.basis
+    intercept = theta[d * r :]
+    if r == 1:  # one logit z for two classes becomes the pair (-z/2, z/2): the same softmax
+        coef = np.vstack([-coef[0] / 2, coef[0] / 2])
+        intercept = np.array([-intercept[0] / 2, intercept[0] / 2])
+    weight = np.zeros((num_classes, features.shape[1]), dtype=np.float64)
+    bias = np.full(num_classes, -1e4, dtype=np.float64)
+    weight[present] = coef / problem.std
+    bias[present] = intercept - (coef / problem.std) @ problem.mean
+    head = nn.Linear(features.shape[1], num_classes)
+    with torch.no_grad():
+        head.weight.copy_(torch.from_numpy(weight).float())
+        head.bias.copy_(torch.from_numpy(bias).float())
+    return head, info
+
+
+def fit_knn(features: np.ndarray, labels: np.ndarray, num_classes: int, k: int = 10) -> KNNHead:
+    """A kNN head over the training features."""
+    return KNNHead(torch.from_numpy(features), torch.from_numpy(labels), num_classes, k=k)
+
+
+def predict_proba(head: nn.Module, features: np.ndarray) -> np.ndarray:
+    """Softmax probabilities of a head on precomputed features."""
+    with torch.inference_mode():
+        logits = head(torch.from_numpy(features).float())
+    return torch.softmax(logits.float(), dim=1).numpy()

@@ -1,0 +1,1 @@
+"""Serving a trained model: export (TorchScript, ONNX) and the HTTP service."""

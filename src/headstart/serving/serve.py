@@ -1,0 +1,406 @@
+"""A REST service and a web page for a trained model: FastAPI on uvicorn.
+
+Endpoints:
+
+* ``POST /predict``: one or several images (multipart field ``files``) -> the top-k classes of each.
+* ``POST /search``: images -> the most similar images of a retrieval index (``--index``), with scores.
+* ``GET /thumb/{id}``: a JPEG thumbnail of an indexed image; only ids in the index are served, so no request can name
+  a file on disk.
+* ``GET /health``: model, classes and index size. ``GET /docs``: the OpenAPI documentation.
+* ``GET /``: a self-contained page (no external assets): drop or choose an image, see the class probabilities as bars
+  and, with an index, the most similar images as thumbnails.
+
+Bad input is the client's error, never a crash: bodies over ``max_upload_bytes`` get 413 (FastAPI checks the
+``Content-Length`` header and counts the bytes actually received), files that are not images, truncated images and
+decompression bombs get 400 naming the file. The model loads once, when the app is created; decoding runs in
+parallel in the server's worker threads and the forward pass under a lock, so concurrent requests are safe.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from headstart import progress
+from headstart.data.scan import open_image
+from headstart.data.transforms import Preprocessing, eval_tensor, normalize
+from headstart.errors import DataError
+from headstart.hardware import autocast
+from headstart.insight.predictor import Model, load
+from headstart.models.backbones import Backbone
+
+DEFAULT_MAX_UPLOAD = 16 * 2**20  # bytes per request: a few phone photos; larger bodies get 413
+MAX_FILES = 32  # images per request; each is decoded and held as a tensor, so the count bounds memory
+MAX_K = 100  # most results per query for top_k and k
+THUMB_SIDE = 160  # pixels, longer side of a thumbnail
+
+
+class ServeError(ValueError):
+    """The service cannot start as configured (the message says what to change)."""
+
+
+@dataclass
+class _Upload:
+    name: str
+    data: bytes
+
+
+class _Index:
+    """A ``headstart.features.retrieval`` index folder, with the network that embeds queries as the collection was.
+
+    :func:`headstart.features.retrieval.query_backbone` rebuilds that network from the index's record and refuses one
+    whose weights fingerprint differs, so a query vector is always comparable with the stored ones.
+    """
+
+    def __init__(self, index_dir: Path):
+        try:
+            from headstart.features.retrieval import ImageIndex, query_backbone
+        except ModuleNotFoundError as error:
+            raise ServeError(
+                f"--index {index_dir} needs headstart.features.retrieval (faiss-cpu); install headstart[retrieval]"
+            ) from error
+        self.index = ImageIndex.load(index_dir)
+        self.backbone: Backbone = query_backbone(self.index).eval()
+        self.precision = str(self.index.meta.get("precision", "fp32"))
+        # Only these files are ever read for thumbnails: the ids are the index's own, never a client's path.
+        self.paths: dict[int, Path] = {i: Path(item.path) for i, item in self.index.items.items()}
+        self.labels: dict[int, str] = {i: item.label for i, item in self.index.items.items()}
+
+    def search(self, x: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Scores and ids [B, k] of the nearest stored images to a normalised batch (id -1: no more items)."""
+        device = next(self.backbone.parameters()).device
+        with torch.inference_mode(), autocast(device, self.precision):
+            queries = self.backbone(x.to(device)).float().cpu().numpy()
+        scores, ids = self.index.search(queries, k)
+        return np.asarray(scores), np.asarray(ids)
+
+
+class Service:
+    """The loaded model (and index) behind the app: decode, predict and search, safe to call from many threads."""
+
+    def __init__(self, run_dir: str | Path, index_dir: str | Path | None = None):
+        tic = time.perf_counter()
+        self.model: Model = load(run_dir)
+        self.model.classifier.eval()
+        self.index = _Index(Path(index_dir)) if index_dir else None
+        # One forward pass at a time: PyTorch modules are not documented as thread-safe, and on CPU one pass
+        # already uses every core, so serialising costs no throughput.
+        self.lock = threading.Lock()
+        self.load_seconds = time.perf_counter() - tic
+
+    def decode(self, uploads: list[_Upload], prep: Preprocessing) -> torch.Tensor:
+        """uint8 batch [B, 3, S, S] of the uploads; a bad file is a 400 naming it."""
+        tensors = []
+        for upload in uploads:
+            if not upload.data:
+                raise HTTPException(400, f"{upload.name}: empty file; upload a JPEG, PNG, WebP, BMP, GIF or TIFF image")
+            try:
+                tensors.append(eval_tensor(upload.data, prep))
+            except DataError as error:
+                raise HTTPException(400, str(error).replace("<bytes>", upload.name, 1)) from error
+        return torch.stack(tensors)
+
+    def predict(self, uploads: list[_Upload], top_k: int) -> list[dict[str, Any]]:
+        """Top-k classes of each upload."""
+        batch = self.decode(uploads, self.model.preprocessing)
+        x = normalize(batch, self.model.preprocessing).to(self.model.device)
+        with self.lock, torch.inference_mode(), autocast(self.model.device, self.model.precision):
+            probs = torch.softmax(self.model.classifier(x).float(), dim=1).cpu().numpy()
+        k = min(top_k, len(self.model.classes))
+        results = []
+        for upload, row in zip(uploads, probs, strict=True):
+            order = np.argsort(-row, kind="stable")[:k]
+            top = [{"label": self.model.classes[j], "probability": float(row[j])} for j in order]
+            results.append({"filename": upload.name, "label": top[0]["label"], "probability": top[0]["probability"],
+                            "top": top})  # fmt: skip
+        return results
+
+    def search(self, uploads: list[_Upload], k: int) -> list[dict[str, Any]]:
+        """Nearest indexed images of each upload, best first."""
+        if self.index is None:
+            raise HTTPException(404, "no index loaded; start the server with --index INDEX_FOLDER to enable /search")
+        index = self.index
+        batch = self.decode(uploads, index.backbone.preprocessing)
+        with self.lock:
+            scores, ids = index.search(normalize(batch, index.backbone.preprocessing), min(k, len(index.paths)))
+        results = []
+        for upload, row_scores, row_ids in zip(uploads, scores, ids, strict=True):
+            neighbours = [
+                {"id": int(i), "name": index.paths[int(i)].name, "label": index.labels[int(i)],
+                 "score": float(s), "thumb": f"/thumb/{int(i)}"}
+                for s, i in zip(row_scores, row_ids, strict=True) if int(i) in index.paths
+            ]  # fmt: skip
+            results.append({"filename": upload.name, "neighbours": neighbours})
+        return results
+
+    @lru_cache(maxsize=1024)  # noqa: B019 - the Service lives as long as the app, so caching on it leaks nothing
+    def thumbnail(self, item: int) -> bytes:
+        """JPEG thumbnail of an indexed image (decoded with the same safety checks as uploads)."""
+        if self.index is None or item not in self.index.paths:
+            raise HTTPException(404, f"no indexed image with id {item}")
+        path = self.index.paths[item]
+        try:
+            image = open_image(path, draft=THUMB_SIDE)
+        except (DataError, OSError) as error:
+            raise HTTPException(404, f"indexed image {item} is no longer readable") from error
+        image.thumbnail((THUMB_SIDE, THUMB_SIDE))
+        buffer = io.BytesIO()
+        image.save(buffer, "JPEG", quality=85)
+        return buffer.getvalue()
+
+
+async def _read(files: list[UploadFile]) -> list[_Upload]:
+    if len(files) > MAX_FILES:
+        raise HTTPException(400, f"{len(files)} files in one request; send at most {MAX_FILES}")
+    return [_Upload(f.filename or f"file{i}", await f.read()) for i, f in enumerate(files)]
+
+
+def create_app(
+    run_dir: str | Path, index_dir: str | Path | None = None, max_upload_bytes: int = DEFAULT_MAX_UPLOAD
+) -> FastAPI:
+    """The web app for a trained model; loads the model (and index) now, once.
+
+    Args:
+        run_dir: run folder of a trained classifier.
+        index_dir: optional retrieval index folder (``headstart index build``) for ``/search`` and thumbnails.
+        max_upload_bytes: largest request body accepted; larger ones get 413.
+    """
+    service = Service(run_dir, index_dir)
+    app = FastAPI(
+        title="headstart",
+        summary=f"{service.model.info.get('backbone')} classifier: {', '.join(service.model.classes)}",
+        max_body_size=max_upload_bytes,
+        form_limits={"max_files": MAX_FILES + 1},  # one more, so _read answers with the clearer message
+    )
+    app.state.service = service
+    progress.log(f"model loaded from {run_dir} in {service.load_seconds:.1f} s")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        detail = error.detail
+        if error.status_code == 413 and detail == "Content Too Large":  # Starlette's body limit: say what it is
+            detail = f"request body larger than the {max_upload_bytes:,}-byte limit; send smaller or fewer images"
+        return JSONResponse({"detail": detail}, status_code=error.status_code, headers=error.headers)
+
+    @app.get("/health")
+    def health() -> dict[str, Any]:
+        """Liveness, and what this server answers with."""
+        return {
+            "status": "ok",
+            "backbone": service.model.info.get("backbone"),
+            "classes": service.model.classes,
+            "input_size": service.model.preprocessing.input_size,
+            "index": service.index is not None,
+            "index_size": len(service.index.paths) if service.index else 0,
+            "max_upload_bytes": max_upload_bytes,
+        }
+
+    @app.post("/predict")
+    async def predict(
+        files: list[UploadFile] = File(..., description="one or several images"),  # noqa: B008 - FastAPI's idiom
+        top_k: int = Query(5, ge=1, le=MAX_K, description="classes to return per image"),
+    ) -> dict[str, Any]:
+        """Top-k classes with probabilities for each uploaded image."""
+        uploads = await _read(files)
+        return {"results": await _in_thread(service.predict, uploads, top_k)}
+
+    @app.post("/search")
+    async def search(
+        files: list[UploadFile] = File(..., description="one or several query images"),  # noqa: B008
+        k: int = Query(8, ge=1, le=MAX_K, description="results per query"),
+    ) -> dict[str, Any]:
+        """The most similar indexed images for each uploaded image, with cosine-similarity scores."""
+        if service.index is None:
+            raise HTTPException(404, "no index loaded; start the server with --index INDEX_FOLDER to enable /search")
+        uploads = await _read(files)
+        return {"results": await _in_thread(service.search, uploads, k)}
+
+    @app.get("/thumb/{item}", response_class=Response)
+    def thumb(item: int) -> Response:
+        """Thumbnail of an indexed image, by its id in the index."""
+        return Response(service.thumbnail(item), media_type="image/jpeg",
+                        headers={"Cache-Control": "public, max-age=3600"})  # fmt: skip
+
+    @app.get("/", response_class=HTMLResponse)
+    def page() -> HTMLResponse:
+        """The web page."""
+        return HTMLResponse(PAGE)
+
+    return app
+
+
+async def _in_thread(fn: Any, *args: Any) -> Any:
+    """Run blocking decode + inference in the worker pool, so the event loop keeps accepting requests."""
+    from starlette.concurrency import run_in_threadpool
+
+    return await run_in_threadpool(fn, *args)
+
+
+def run(run_dir: str | Path, index: str | Path | None = None, host: str = "127.0.0.1", port: int = 8000,
+        max_upload_bytes: int = DEFAULT_MAX_UPLOAD) -> None:  # fmt: skip
+    """Serve a trained model over HTTP until interrupted."""
+    import uvicorn
+
+    app = create_app(run_dir, index, max_upload_bytes)
+    print(f"headstart serving {run_dir} on http://{host}:{port}/ (API docs at /docs)", flush=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
+@contextlib.contextmanager
+def serve_in_thread(app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
+    """Run ``app`` on uvicorn in a background thread; yields its base URL and stops it on exit (tests, benchmarks).
+
+    ``port=0`` binds a free port chosen by the operating system.
+    """
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            sock.close()
+            raise ServeError(f"uvicorn did not start on {host}:{sock.getsockname()[1]}")
+        time.sleep(0.01)
+    try:
+        yield f"http://{host}:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
+
+
+PAGE = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>headstart</title>
+<style>
+  body { font: 15px/1.4 system-ui, sans-serif; max-width: 900px; margin: 2em auto; padding: 0 1em; color: #222; }
+  h1 { font-size: 1.4em; margin-bottom: .2em; }
+  #model { color: #666; margin-bottom: 1em; }
+  #drop { border: 2px dashed #999; border-radius: 10px; padding: 2em; text-align: center; cursor: pointer; }
+  #drop.over { background: #eef6ff; border-color: #3b82f6; }
+  #preview { max-width: 240px; max-height: 240px; display: none; margin: 1em auto; border-radius: 6px; }
+  #error { color: #b91c1c; margin: 1em 0; white-space: pre-wrap; }
+  .row { display: flex; align-items: center; gap: .6em; margin: .3em 0; }
+  .bar-label { width: 160px; text-align: right; overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
+  .bar-track { flex: 1; background: #eee; border-radius: 4px; height: 20px; }
+  .bar-fill { background: #3b82f6; height: 100%; border-radius: 4px; }
+  .bar-value { width: 60px; font-variant-numeric: tabular-nums; }
+  #thumbs { display: flex; flex-wrap: wrap; gap: .8em; margin-top: 1em; }
+  figure { margin: 0; text-align: center; font-size: .85em; }
+  figure img { display: block; max-width: 160px; max-height: 160px; border-radius: 4px; }
+</style>
+</head>
+<body>
+<h1>headstart</h1>
+<div id="model">loading model information...</div>
+<div id="drop">Drop an image here, or <label><u>choose a file</u>
+  <input id="file" type="file" accept="image/*" hidden></label></div>
+<img id="preview" alt="query image">
+<div id="error" role="alert"></div>
+<section id="predictions" aria-label="predicted classes"><div id="bars"></div></section>
+<section id="similar" aria-label="most similar images" hidden><h2>Most similar</h2><div id="thumbs"></div></section>
+<script>
+"use strict";
+const $ = (id) => document.getElementById(id);
+let hasIndex = false;
+
+function element(tag, cls, text) {
+  const e = document.createElement(tag);
+  if (cls) e.className = cls;
+  if (text !== undefined) e.textContent = text;  // textContent: file names and labels are never parsed as HTML
+  return e;
+}
+
+async function call(url, file) {
+  const body = new FormData();
+  body.append("files", file, file.name);
+  const response = await fetch(url, { method: "POST", body });
+  const data = await response.json().catch(() => ({ detail: response.statusText }));
+  if (!response.ok) throw new Error(typeof data.detail === "string" ? data.detail : JSON.stringify(data.detail));
+  return data.results[0];
+}
+
+function showBars(result) {
+  const bars = $("bars");
+  bars.replaceChildren();
+  for (const item of result.top) {
+    const row = element("div", "row");
+    row.append(element("span", "bar-label", item.label));
+    const track = element("div", "bar-track"), fill = element("div", "bar-fill");
+    fill.style.width = (100 * item.probability).toFixed(1) + "%";
+    track.append(fill);
+    row.append(track, element("span", "bar-value", (100 * item.probability).toFixed(1) + "%"));
+    bars.append(row);
+  }
+}
+
+function showThumbs(result) {
+  const thumbs = $("thumbs");
+  thumbs.replaceChildren();
+  for (const n of result.neighbours) {
+    const fig = element("figure"), img = element("img");
+    img.src = n.thumb;
+    img.alt = n.name;
+    fig.append(img, element("figcaption", "", n.label + " · " + n.score.toFixed(3)));
+    thumbs.append(fig);
+  }
+  $("similar").hidden = false;
+}
+
+async function handle(file) {
+  if (!file) return;
+  $("error").textContent = "";
+  $("bars").replaceChildren();
+  $("thumbs").replaceChildren();
+  const preview = $("preview");
+  preview.src = URL.createObjectURL(file);
+  preview.style.display = "block";
+  try {
+    showBars(await call("predict?top_k=5", file));
+    if (hasIndex) showThumbs(await call("search?k=8", file));
+  } catch (error) {
+    $("error").textContent = error.message;
+  }
+}
+
+const drop = $("drop");
+drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
+drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+drop.addEventListener("drop", (e) => {
+  e.preventDefault();
+  drop.classList.remove("over");
+  handle(e.dataTransfer.files[0]);
+});
+$("file").addEventListener("change", (e) => handle(e.target.files[0]));
+
+fetch("health").then((r) => r.json()).then((h) => {
+  hasIndex = h.index;
+  $("model").textContent = h.backbone + " · classes: " + h.classes.join(", ") +
+    (h.index ? " · index of " + h.index_size + " images" : "");
+});
+</script>
+</body>
+</html>
+"""

@@ -1,0 +1,463 @@
+"""The Python API: ``train`` a classifier by any strategy, ``load`` it back, ``predict`` and ``evaluate``.
+
+The CLI calls these functions and nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader
+
+from headstart import config as cfg
+from headstart import progress
+from headstart.config import TrainConfig
+from headstart.data.scan import Dataset, load_dataset
+from headstart.data.transforms import (
+    FileDataset,
+    MemoryDataset,
+    Preprocessing,
+    collate_skip,
+    decode_all,
+    estimated_bytes,
+    normalize,
+    train_augment,
+)
+from headstart.features.embeddings import Embeddings, embed
+from headstart.files import atomic_write_bytes, default_cache_root
+from headstart.hardware import decode_workers, launch_rank, pick_device, resolve_precision, single_process
+from headstart.insight.audit import quick_audit
+from headstart.insight.metrics import classification_metrics
+from headstart.insight.predictor import load
+from headstart.models.backbones import Backbone, create_backbone
+from headstart.models.classifier import (
+    Classifier,
+    classifier_tensors,
+    read_model_info,
+    save_classifier,
+    write_classifier,
+)
+from headstart.models.heads import fit_knn, fit_logistic, predict_proba
+from headstart.models.prepared import PreparedBackbone, load_backbone
+from headstart.training.strategies import apply_bn_policy, param_groups, resolve_optim, resolve_preprocessing
+from headstart.training.trainer import EpochSampler, LoopSettings, Trainer, make_accelerator
+
+# Short keyword names accepted by train() besides dotted config keys.
+ALIASES = {
+    "backbone": "model.backbone",
+    "weights": "model.weights",
+    "input_size": "model.input_size",
+    "epochs": "optim.epochs",
+    "lr": "optim.lr",
+    "head": "optim.head",
+    "augment_views": "optim.augment_views",
+    "bn_policy": "optim.bn_policy",
+    "out": "run.out",
+    "overwrite": "run.overwrite",
+    "seed": "run.seed",
+    "deterministic": "run.deterministic",
+    "precision": "run.precision",
+    "class_weights": "run.class_weights",
+    "early_stopping": "run.early_stopping",
+    "cache_dir": "run.cache_dir",
+    "val_fraction": "data.val_fraction",
+    "split_seed": "data.split_seed",
+    "batch_size": "data.batch_size",
+    "num_workers": "data.num_workers",
+}
+SUMMARY_KEYS = ("n", "accuracy", "balanced_accuracy", "roc_auc", "loss")
+
+
+@dataclass
+class TrainResult:
+    """What ``train`` returns."""
+
+    run_dir: Path
+    metrics: dict[str, Any]  # validation metrics of the saved (best) model, measured through the predict path
+    seconds: float  # wall time of the whole job
+    config: TrainConfig
+    history: list[dict[str, Any]] = field(default_factory=list)
+    test_metrics: dict[str, Any] | None = None
+    # The final (last-epoch) model in memory; the run folder holds the best one. None for an extract run served
+    # entirely from the caches: it never built the network (``load(run_dir)`` does).
+    model: Classifier | None = None
+
+
+def build_config(data: str | Path | None = None, config: TrainConfig | None = None, **overrides: Any) -> TrainConfig:
+    """A config from a base (default: ``TrainConfig()``), the data path, and keyword overrides.
+
+    Keywords are dotted config keys (``"optim.lr"``) or the short names in :data:`ALIASES`; ``strategy`` too.
+    """
+    base = config or TrainConfig()
+    changes: dict[str, Any] = {}
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        dotted = ALIASES.get(key, key.replace("__", "."))
+        head, _, rest = dotted.partition(".")
+        if head != "strategy" and not rest:
+            raise TypeError(f"unknown option {key!r}; use one of {', '.join(sorted(ALIASES))} or a dotted key")
+        changes[dotted] = str(value) if isinstance(value, Path) else value  # configs hold plain YAML values
+    if data is not None:
+        changes["data.path"] = str(data)
+    built = cfg.replace(base, **changes)
+    if not built.data.path:
+        raise ValueError("no data given: pass a dataset folder or CSV manifest")
+    if built.strategy == "scratch" and built.model.weights:
+        raise ValueError(
+            f"--strategy scratch trains from random weights, but --weights {built.model.weights} was given; "
+            "drop --weights, or use --strategy finetune to start from that file"
+        )
+    return built
+
+
+def _seed_everything(seed: int, deterministic: bool) -> None:
+    set_seed(seed, deterministic=deterministic)
+    random.seed(seed)
+    np.random.seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def _run_dir(config: TrainConfig, is_main: bool) -> Path:
+    if config.run.out:
+        path = Path(config.run.out)
+    else:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        safe = config.model.backbone.replace("/", "_").replace(":", "_")
+        path = Path("runs") / f"{config.strategy}-{safe}-{stamp}"
+    if is_main:
+        if path.exists() and any(path.iterdir()):
+            if not config.run.overwrite:
+                raise FileExistsError(f"run folder {path} already exists; pass --overwrite or choose another --out")
+            shutil.rmtree(path)
+        path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _summary(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {k: metrics[k] for k in SUMMARY_KEYS if k in metrics}
+
+
+def resume(run: str | Path) -> TrainResult:
+    """Continue a killed or interrupted run from ``RUN/checkpoints/last.pt`` with the run's own ``config.yaml``."""
+    run = Path(run)
+    if not (run / "config.yaml").is_file():
+        raise FileNotFoundError(f"{run / 'config.yaml'} not found; is {run} a headstart run folder?")
+    config = cfg.load_yaml(TrainConfig, run / "config.yaml")
+    if config.strategy == "extract":
+        raise ValueError(f"{run} is an extract run: it has no checkpoints to resume; it takes seconds to run again")
+    return train(config=cfg.replace(config, **{"run.out": str(run)}), _resume=True)
+
+
+def train(
+    data: str | Path | None = None, *, config: TrainConfig | None = None, _resume: bool = False, **overrides: Any
+) -> TrainResult:
+    """Train a classifier on a folder of labelled images by one of the three strategies.
+
+    Args:
+        data: dataset folder or CSV manifest (or set ``config.data.path``).
+        config: a full configuration; keyword overrides apply on top.
+        _resume: continue from the run folder's last checkpoint (use :func:`resume`).
+        **overrides: e.g. ``strategy="extract"``, ``backbone="resnet50"``, ``epochs=3``, ``out="runs/x"``.
+
+    Returns:
+        The run folder, the saved model's validation metrics and the wall time.
+    """
+    tic = time.perf_counter()
+    config = build_config(data, config, **overrides)
+    config = cfg.replace(config, optim=resolve_optim(config.strategy, config.optim))
+    # Only network training needs Accelerate (DDP); extract runs its single pass without it. With split_batches,
+    # data.batch_size is the global batch whatever the number of processes, so the learning rate needs no rescaling.
+    accelerator = make_accelerator() if config.strategy != "extract" else None
+    is_main = accelerator.is_main_process if accelerator else launch_rank() == 0
+    device = accelerator.device if accelerator else pick_device()
+    precision = resolve_precision(config.run.precision, device)
+    _seed_everything(config.run.seed, config.run.deterministic)
+    run_dir = Path(str(config.run.out)) if _resume else _run_dir(config, is_main)
+    cache_root = default_cache_root(config.run.cache_dir)
+    dataset = load_dataset(config.data.path, config.data.val_fraction, config.data.split_seed, cache_root)
+    _report_data(dataset, run_dir, is_main)
+    if config.run.audit and is_main:
+        for warning in quick_audit(dataset):
+            progress.log(f"[yellow]{warning}")
+    backbone: Backbone | PreparedBackbone
+    if config.strategy == "extract":  # its stored description: a run served from the feature cache builds no network
+        backbone = load_backbone(config.model.backbone, config.model.weights, cache_root)
+    else:
+        backbone = create_backbone(
+            config.model.backbone, pretrained=config.strategy != "scratch", weights=config.model.weights
+        )
+    backbone.preprocessing = resolve_preprocessing(config.strategy, backbone.preprocessing, config.model.input_size)
+    num_classes = len(dataset.classes)
+    if is_main and not _resume:
+        cfg.save_yaml(config, run_dir / "config.yaml")
+    meta: dict[str, Any] = {
+        "classes": dataset.classes,
+        "strategy": config.strategy,
+        "precision": precision,
+        "data_fingerprint": dataset.fingerprint(),
+        "data_path": str(dataset.root),
+        "config": cfg.to_dict(config),
+        "train_counts": dataset.counts(dataset.train),
+        "val_counts": dataset.counts(dataset.val),
+    }
+
+    def on_best(best: torch.nn.Module, metrics: dict[str, Any]) -> None:
+        assert isinstance(best, Classifier)
+        save_classifier(best, run_dir, {**meta, "val_metrics": _summary(metrics)})
+
+    result = TrainResult(run_dir, {}, 0.0, config)
+    head, baseline = None, None
+    if config.strategy in ("extract", "finetune") and not _resume:  # a resumed run's head is in its checkpoint
+        # Under a multi-process launch every rank embeds its share of the images; each then fits the (same) head.
+        head, baseline = _fit_head(backbone, num_classes, dataset, config, precision, device, is_main)
+    if not is_main and accelerator is None:
+        return result  # extract: rank 0 writes the run folder
+    if config.strategy == "extract" and head is not None and baseline is not None:
+        tensors = classifier_tensors(backbone.state_dict(), head)
+        summary = {**meta, "val_metrics": _summary(baseline)}
+        write_classifier(run_dir, backbone, tensors, head, num_classes, config.model.drop_rate, summary)
+        network = backbone if isinstance(backbone, Backbone) else backbone.built
+        if network is not None:
+            result.model = Classifier(network, num_classes, config.model.drop_rate, head=head)
+            result.model.freeze_backbone()
+        entry = {"epoch": 0, "phase": "head", **_summary(baseline), **baseline.pop("head_info")}
+        (run_dir / "metrics.jsonl").write_text(json.dumps(entry) + "\n")
+        result.history = [entry]
+        # The model's head runs in fp32 on the same features, so these are the saved model's own metrics.
+        result.metrics = baseline
+    if accelerator is not None:
+        assert isinstance(backbone, Backbone)  # finetune and scratch build theirs above
+        result.model = Classifier(backbone, num_classes, config.model.drop_rate, head=head)
+        result.history = _fit_network(
+            result.model, dataset, config, precision, accelerator, run_dir, on_best, baseline, resume=_resume
+        )
+        accelerator.wait_for_everyone()
+        if not is_main:
+            return result  # the shared work is done; rank 0 alone evaluates, writes and reports
+    with single_process():  # rank 0 alone from here: no feature pass may wait for ranks that have left
+        _finish_run(result, dataset, run_dir, reload=accelerator is not None, started=tic)
+        result.seconds = time.perf_counter() - tic  # the report below is not part of the training cost
+        if config.run.report:
+            _write_report(run_dir, dataset)
+    return result
+
+
+def _finish_run(result: TrainResult, dataset: Dataset, run_dir: Path, reload: bool, started: float) -> None:
+    """Measure the saved (best) model through the ``evaluate`` path and complete model.json and metrics.json."""
+    # The best checkpoint, measured through the same path as `headstart evaluate`. An extract run's val metrics
+    # already are its saved model's, so without a test split it skips rebuilding the network.
+    loaded = load(run_dir) if reload or dataset.test else None
+    if loaded is not None and reload:
+        result.metrics = loaded.evaluate(dataset, split="val")
+    if loaded is not None and dataset.test:
+        result.test_metrics = loaded.evaluate(dataset, split="test")
+    info = loaded.info if loaded is not None else read_model_info(run_dir)
+    info["val_metrics"] = _summary(result.metrics)
+    info["test_metrics"] = _summary(result.test_metrics) if result.test_metrics else None
+    info["train_seconds"] = round(time.perf_counter() - started, 2)
+    atomic_write_bytes(run_dir / "model.json", json.dumps(info, indent=2, default=str).encode())
+    (run_dir / "metrics.json").write_text(json.dumps({"val": result.metrics, "test": result.test_metrics}, indent=2))
+
+
+def _write_report(run_dir: Path, dataset: Dataset) -> None:
+    """Build report.html; the model is already saved, so a failing figure must not fail the run."""
+    from headstart.insight.report import build_report
+
+    try:
+        build_report(run_dir, data=dataset)
+    except Exception as error:  # reporting is best effort: matplotlib, Grad-CAM and t-SNE each have failure modes
+        progress.log(f"[yellow]report not written ({type(error).__name__}: {error}); retry with `headstart report`")
+
+
+def _report_data(dataset: Dataset, run_dir: Path, is_main: bool) -> None:
+    if not is_main:
+        return
+    dataset.write_skipped(run_dir / "skipped_files.txt")
+    counts = ", ".join(f"{k} {v}" for k, v in dataset.counts(dataset.train).items())
+    progress.log(
+        f"data: {len(dataset.classes)} classes, {len(dataset.train)} train ({counts}), {len(dataset.val)} val"
+        + (f", {len(dataset.test)} test" if dataset.test else "")
+    )
+    if dataset.skipped:
+        progress.log(f"[yellow]skipped {len(dataset.skipped)} file(s), listed in {run_dir / 'skipped_files.txt'}:")
+        for item in dataset.skipped[:10]:
+            progress.log(f"  {item.path}: {item.reason}")
+
+
+def _class_weights(dataset: Dataset, mode: str) -> tuple[float, ...] | None:
+    if mode != "auto":
+        return None
+    counts = np.array(list(dataset.counts(dataset.train).values()), dtype=np.float64)
+    weights = counts.sum() / (len(counts) * np.maximum(counts, 1))
+    return tuple(float(w) for w in weights)
+
+
+def _fit_head(
+    backbone: Backbone | PreparedBackbone, num_classes: int, dataset: Dataset, config: TrainConfig, precision: str,
+    device: torch.device, show: bool,
+) -> tuple[torch.nn.Module, dict[str, Any]]:  # fmt: skip
+    """Train a new head on cached frozen features; returns it and its validation metrics (epoch 0)."""
+    optim = config.optim
+    common: dict[str, Any] = {
+        "batch_size": config.data.batch_size,
+        "precision": precision,
+        "device": device,
+        "cache_root": default_cache_root(config.run.cache_dir),
+        "workers": config.data.num_workers,
+        "channels_last": config.run.channels_last,
+    }
+    both = embed(backbone, dataset.train + dataset.val, description="features", **common)
+    n_train = len(dataset.train)
+    in_train = both.index < n_train
+    tr = Embeddings(both.features[in_train], both.index[in_train])
+    va = Embeddings(both.features[~in_train], both.index[~in_train] - n_train)
+    labels = np.array([dataset.train[i].label for i in tr.index])
+    features, groups = tr.features, tr.index.copy()
+    for k in range(optim.augment_views or 0):
+        torch.manual_seed(config.run.seed * 1000 + k)
+        view = embed(
+            backbone,
+            [dataset.train[i] for i in tr.index],
+            view=f"aug-light-s{config.run.seed}-{k}",
+            augment=train_augment(backbone.preprocessing, "light"),
+            description=f"features (view {k + 1})",
+            **common,
+        )
+        features = np.concatenate([features, view.features])
+        labels = np.concatenate([labels, np.array([dataset.train[tr.index[i]].label for i in view.index])])
+        groups = np.concatenate([groups, tr.index[view.index]])
+    class_weight = "balanced" if config.run.class_weights == "auto" else None
+    tic = time.perf_counter()
+    info: dict[str, Any]
+    head: torch.nn.Module
+    if optim.head == "knn":
+        head = fit_knn(features, labels, num_classes, k=optim.knn_k or 10)
+        info = {"head": "knn", "k": optim.knn_k}
+    else:
+        head, fitted = fit_logistic(
+            features, labels, num_classes, c=optim.head_c, class_weight=class_weight, seed=config.run.seed,
+            groups=groups,
+        )  # fmt: skip
+        info = {"head": "logistic", **fitted}
+    info["head_seconds"] = round(time.perf_counter() - tic, 3)
+    info["feature_cache_hits"] = both.hits
+    probs = predict_proba(head, va.features)
+    val_labels = np.array([dataset.val[i].label for i in va.index])
+    metrics = classification_metrics(val_labels, probs, dataset.classes)
+    metrics["loss"] = float(-np.log(np.clip(probs[np.arange(len(val_labels)), val_labels], 1e-12, 1.0)).mean())
+    metrics["head_info"] = info
+    if show:
+        progress.log(
+            f"head on frozen features: val accuracy {metrics['accuracy']:.4f} "
+            f"({info.get('head')}, C={info.get('C', '-')}, {both.hits} cached, {both.computed} computed)"
+        )
+    return head, metrics
+
+
+def _fit_network(
+    model: Classifier,
+    dataset: Dataset,
+    config: TrainConfig,
+    precision: str,
+    accelerator: Accelerator,
+    run_dir: Path,
+    on_best: Any,
+    baseline: dict[str, Any] | None,
+    resume: bool = False,
+) -> list[dict[str, Any]]:
+    """Train the whole network (finetune phase 2, or scratch) with the shared trainer.
+
+    Every parameter trains from the first step of this phase (the finetune head phase ran before, on cached
+    features), so no ``requires_grad`` flips mid-run: safe under DDP and across resumes.
+    """
+    optim = config.optim
+    assert optim.epochs is not None and optim.warmup_epochs is not None and optim.label_smoothing is not None
+    apply_bn_policy(model, optim.bn_policy or "train")
+    if accelerator.num_processes > 1 and not model.frozen_bn and accelerator.device.type == "cuda":
+        # Per-process batches are small; synchronised statistics behave like the single-process global batch.
+        # (SyncBatchNorm runs on GPUs only; on CPU processes each keep their own batch statistics.)
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    prep = model.backbone.preprocessing
+    train_loader, val_loader = make_loaders(dataset, prep, config)
+    settings = LoopSettings(
+        epochs=optim.epochs,
+        warmup_epochs=optim.warmup_epochs,
+        label_smoothing=optim.label_smoothing,
+        metric=config.run.metric,
+        early_stopping=config.run.early_stopping,
+        precision=precision,
+        channels_last=config.run.channels_last,
+        checkpoint_every=config.run.checkpoint_every,
+        class_weights=_class_weights(dataset, config.run.class_weights),
+        compile=config.run.compile,
+    )
+    if config.run.channels_last:
+        model.to(memory_format=torch.channels_last)
+    trainer = Trainer(
+        model,
+        param_groups(model, config.strategy, optim),
+        train_loader,
+        val_loader,
+        settings,
+        batch_transform=lambda images: normalize(images, prep),
+        evaluate=lambda labels, probs: classification_metrics(labels, probs, dataset.classes),
+        on_best=on_best,
+        run_dir=run_dir,
+        accelerator=accelerator,
+        baseline=baseline,
+    )
+    result = trainer.fit(resume=resume)
+    if accelerator.is_main_process:
+        progress.log(f"best val {config.run.metric} {result.best_metric:.4f} at epoch {result.best_epoch}")
+    return result.history
+
+
+def make_loaders(dataset: Dataset, prep: Preprocessing, config: TrainConfig) -> tuple[DataLoader[Any], DataLoader[Any]]:
+    """Training loader (augmented) and validation loader (centre crops).
+
+    Small sets are decoded once into memory and augmented from there; larger ones decode every epoch in workers.
+    """
+    augment = train_augment(prep, config.optim.augment or "light")
+    budget = config.data.image_cache_mb * 2**20
+    in_memory = config.data.cache_images and estimated_bytes(dataset.train + dataset.val, prep) <= budget
+    train_set: torch.utils.data.Dataset[Any]
+    val_set: torch.utils.data.Dataset[Any]
+    if in_memory:
+        labels = [r.label for r in dataset.train]
+        train_set = MemoryDataset(decode_all(dataset.train, prep), labels, augment, seed=config.run.seed)
+        val_set = MemoryDataset(decode_all(dataset.val, prep, crop=True), [r.label for r in dataset.val], None)
+        workers = 0  # augmenting in-memory tensors costs less than shipping them between processes
+    else:
+        train_set = FileDataset(dataset.train, prep, augment, seed=config.run.seed)
+        val_set = FileDataset(dataset.val, prep)
+        workers = decode_workers(config.data.num_workers)
+    batch = min(config.data.batch_size, len(dataset.train))
+    train_loader = DataLoader(
+        train_set,
+        batch_size=batch,
+        sampler=EpochSampler(len(train_set), config.run.seed),  # order depends on (seed, epoch) only: resumable
+        drop_last=len(dataset.train) > batch,  # a last batch of one would break BatchNorm
+        num_workers=workers,
+        # Iterators draw worker seeds from this generator instead of the global RNG, which dropout uses: a resumed
+        # run creates an extra iterator, and must not shift the dropout stream by doing so.
+        generator=torch.Generator().manual_seed(config.run.seed),
+        collate_fn=collate_skip,
+        persistent_workers=workers > 0,
+    )
+    val_loader = DataLoader(
+        val_set, batch_size=config.data.batch_size, num_workers=workers, collate_fn=collate_skip,
+        persistent_workers=workers > 0, generator=torch.Generator().manual_seed(config.run.seed),
+    )  # fmt: skip
+    return train_loader, val_loader

@@ -1,0 +1,106 @@
+"""The three ways to reuse a pretrained network, and what each one trains.
+
+* ``extract``: the backbone is frozen (BatchNorm statistics included) and only a new head is trained, on cached
+  features (see :mod:`headstart.models.heads`); seconds on a CPU.
+* ``finetune``: the new head is first trained on frozen features exactly as in ``extract``; then the whole network
+  trains with discriminative learning rates: the backbone at ``lr * backbone_lr_ratio``, the head at ``lr``.
+  BatchNorm policy (``bn_policy``): ``frozen`` (the default) keeps every BN layer of the backbone in inference mode
+  with its ImageNet statistics and affine parameters fixed, as the Keras guide does; ``train`` lets BN layers update
+  both. Measured on ants/bees (244 training images, batch 32, random-resized crops), ``train`` drifted the running
+  statistics away from what centre-cropped validation images produce: validation loss rose every epoch and accuracy
+  fell from 0.95 to 0.87-0.90 after five epochs, while ``frozen`` held 0.94-0.95. ``train`` suits large sets whose
+  statistics differ strongly from ImageNet's.
+* ``scratch``: the same architecture with random weights, everything trained: the control that shows what the
+  pretrained weights are worth.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+from torch import nn
+
+from headstart.config import OptimConfig
+from headstart.data.transforms import Preprocessing
+from headstart.models.classifier import Classifier
+
+# Defaults chosen to work without tuning on small sets (hundreds to thousands of images) at 224 px.
+DEFAULTS: dict[str, OptimConfig] = {
+    "extract": OptimConfig(
+        epochs=0, lr=0.0, backbone_lr_ratio=0.0, weight_decay=0.0, warmup_epochs=0.0, label_smoothing=0.0,
+        augment="none", bn_policy="frozen", head_c=None, head="logistic", knn_k=10, augment_views=0,
+    ),
+    "finetune": OptimConfig(
+        epochs=5, lr=3e-4, backbone_lr_ratio=0.1, weight_decay=0.01, warmup_epochs=1.0, label_smoothing=0.1,
+        augment="light", bn_policy="frozen", head_c=None, head="logistic", knn_k=10, augment_views=0,
+    ),
+    "scratch": OptimConfig(
+        epochs=15, lr=2e-3, backbone_lr_ratio=1.0, weight_decay=0.05, warmup_epochs=1.0, label_smoothing=0.1,
+        augment="light", bn_policy="train", head_c=None, head="logistic", knn_k=10, augment_views=0,
+    ),
+}  # fmt: skip
+
+# Frozen features are read at a higher resolution than the network was trained at: random-resized-crop training
+# makes objects look larger than a centre crop shows them, and a ~15% larger test size compensates (Touvron et al.,
+# "Fixing the train-test resolution discrepancy", 2019). Trained strategies keep the weights' own size.
+EXTRACT_RESOLUTION_SCALE = 1.15
+
+
+def resolve_optim(strategy: str, optim: OptimConfig) -> OptimConfig:
+    """Fill every ``None`` field of ``optim`` with the strategy's default."""
+    base = DEFAULTS[strategy]
+    values = {f.name: getattr(optim, f.name) for f in dataclasses.fields(optim)}
+    merged = {k: (getattr(base, k) if v is None else v) for k, v in values.items()}
+    if merged["bn_policy"] not in ("train", "frozen"):
+        raise ValueError(f"unknown bn_policy {merged['bn_policy']!r}; choose train or frozen")
+    if merged["head"] not in ("logistic", "knn"):
+        raise ValueError(f"unknown head {merged['head']!r}; choose logistic or knn")
+    return OptimConfig(**merged)
+
+
+def resolve_preprocessing(strategy: str, prep: Preprocessing, input_size: int | None) -> Preprocessing:
+    """The preprocessing a strategy trains and predicts with: the weights' own, at the chosen input size."""
+    if input_size is None and strategy == "extract":
+        input_size = int(round(prep.input_size * EXTRACT_RESOLUTION_SCALE / 32) * 32)
+    if input_size is None or input_size == prep.input_size:
+        return prep
+    crop_pct = prep.input_size / prep.resize_size
+    return dataclasses.replace(prep, input_size=input_size, resize_size=math.floor(input_size / crop_pct))
+
+
+def apply_bn_policy(model: Classifier, policy: str) -> None:
+    """``frozen``: BN layers of the backbone stay in eval mode and their affine parameters stop training."""
+    model.frozen_bn = policy == "frozen"
+    if model.frozen_bn:
+        for module in model.backbone.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.requires_grad_(False)
+    model.train(model.training)
+
+
+def param_groups(model: Classifier, strategy: str, optim: OptimConfig) -> list[dict[str, object]]:
+    """Optimiser parameter groups: backbone and head with their own learning rates, no weight decay on biases and
+    normalisation weights. Each group records ``base_lr`` so that schedules (and resumes) can restore it."""
+    assert optim.lr is not None and optim.backbone_lr_ratio is not None and optim.weight_decay is not None
+    backbone_lr = optim.lr * (optim.backbone_lr_ratio if strategy == "finetune" else 1.0)
+    groups: list[dict[str, object]] = []
+    for name, module, lr in (("backbone", model.backbone, backbone_lr), ("head", model.head, optim.lr)):
+        decay: list[torch.nn.Parameter] = []
+        no_decay: list[torch.nn.Parameter] = []
+        for param in module.parameters():
+            if param.requires_grad:
+                (no_decay if param.ndim <= 1 else decay).append(param)
+        for suffix, params, wd in (("", decay, optim.weight_decay), ("_no_decay", no_decay, 0.0)):
+            if params:
+                groups.append({"name": name + suffix, "params": params, "lr": lr, "base_lr": lr, "weight_decay": wd})
+    return groups
+
+
+def warmup_cosine(step: int, total: int, warmup: int) -> float:
+    """Learning-rate multiplier: linear warm-up from 0 to 1, then cosine decay to 0."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))

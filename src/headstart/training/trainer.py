@@ -1,0 +1,362 @@
+"""The training loop, written once through HF Accelerate: one process, several GPUs or several machines.
+
+The trainer knows losses, optimisers, schedules, loaders and checkpoints; it never looks inside the model. A run's
+strategy decides what trains by handing over parameter groups (see :mod:`headstart.training.strategies`).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from torch import nn
+from torch.utils.data import DataLoader
+
+from headstart import progress
+from headstart.files import atomic_write_bytes
+from headstart.hardware import autocast, leave_group_at_exit, tune_allocator
+from headstart.training.strategies import warmup_cosine
+
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    """What the loop needs beyond the model, optimiser groups and loaders."""
+
+    epochs: int  # passes over the training loader
+    warmup_epochs: float  # linear warm-up length before cosine decay
+    label_smoothing: float  # cross-entropy target smoothing
+    metric: str  # key of the validation metrics that selects the best epoch
+    early_stopping: int  # epochs without improvement before stopping; 0 disables
+    precision: str  # "bf16" or "fp32" (already resolved)
+    channels_last: bool  # NHWC inputs
+    checkpoint_every: int = 0  # optimiser steps between mid-epoch checkpoints; 0: end of epoch only
+    class_weights: tuple[float, ...] | None = None  # loss weight per class, None for uniform
+    compile: bool = False  # torch.compile the prepared (possibly DDP-wrapped) model; checkpoints stay plain
+
+
+@dataclass
+class FitResult:
+    """Outcome of :meth:`Trainer.fit`."""
+
+    best_metric: float
+    best_epoch: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+    stopped_early: bool = False
+    seconds: float = 0.0
+
+
+class Trainer:
+    """Runs epochs, evaluates, keeps the best weights, writes ``metrics.jsonl`` and resumable checkpoints.
+
+    Args:
+        model: any module mapping a normalised batch to logits.
+        groups: optimiser parameter groups (each with ``lr`` and ``base_lr``).
+        train_loader: yields (uint8 images, labels, indices).
+        val_loader: the same for validation.
+        settings: loop settings.
+        batch_transform: uint8 batch on device -> network input (normalisation).
+        evaluate: (labels, probabilities) -> metrics dict containing ``settings.metric``.
+        on_best: called with the unwrapped model and the epoch's metrics whenever the metric improves.
+        run_dir: where ``metrics.jsonl`` and ``checkpoints/`` go (written by the main process only).
+        accelerator: an Accelerator (one is made when omitted).
+        baseline: metrics of the starting model (epoch 0), e.g. the head trained on frozen features.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        groups: list[dict[str, Any]],
+        train_loader: DataLoader[Batch],
+        val_loader: DataLoader[Batch],
+        settings: LoopSettings,
+        batch_transform: Callable[[torch.Tensor], torch.Tensor],
+        evaluate: Callable[[np.ndarray, np.ndarray], dict[str, Any]],
+        on_best: Callable[[nn.Module, dict[str, Any]], None],
+        run_dir: Path,
+        accelerator: Accelerator | None = None,
+        baseline: dict[str, Any] | None = None,
+    ):
+        self.accelerator = accelerator or Accelerator()
+        self.settings = settings
+        self.batch_transform = batch_transform
+        self.evaluate_fn = evaluate
+        self.on_best = on_best
+        self.run_dir = run_dir
+        self.baseline = baseline
+        optimizer = torch.optim.AdamW(groups)
+        # Learning rates stay per group: the schedule multiplies each group's base_lr (discriminative rates).
+        self.model, self.optimizer, self.train_loader, self.val_loader = self.accelerator.prepare(
+            model, optimizer, train_loader, val_loader
+        )
+        if settings.compile:
+            # Here rather than through Accelerate's dynamo_backend: Accelerate keeps its state per process, so the
+            # first Accelerator's choice would silently apply to every later run in the same process.
+            self.model = torch.compile(self.model)
+        self.steps_per_epoch = max(1, len(self.train_loader))
+        self.total_steps = self.steps_per_epoch * settings.epochs
+        self.warmup_steps = round(settings.warmup_epochs * self.steps_per_epoch)
+        weight = (
+            torch.tensor(settings.class_weights, device=self.accelerator.device) if settings.class_weights else None
+        )
+        self.loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=settings.label_smoothing)
+        self.step = 0
+        self.epoch = 0
+        self.best = -math.inf
+        self.best_epoch = -1
+        self.history: list[dict[str, Any]] = []
+        self.stale = 0
+        self._resume_totals: tuple[float, float, int] = (0.0, 0.0, 0)
+
+    def _plain_model(self) -> nn.Module:
+        """The model without DDP or torch.compile wrappers: its state_dict keys match the saved model's."""
+        return self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+
+    # -- checkpoints -------------------------------------------------------------------------------------------------
+
+    def _checkpoint_path(self) -> Path:
+        return self.run_dir / "checkpoints" / "last.pt"
+
+    def save_checkpoint(self, batches_done: int, totals: tuple[float, float, int] = (0.0, 0.0, 0)) -> None:
+        """Atomically save everything needed to continue: weights, optimiser, RNG states, position in the epoch
+        (batches done and the running loss/accuracy sums), best metric and history."""
+        if not self.accelerator.is_main_process:
+            return
+        state = {
+            "model": self._plain_model().state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "step": self.step,
+            "epoch": self.epoch,
+            "batches_done": batches_done,
+            "epoch_totals": torch.tensor([totals[0], totals[1], float(totals[2])], dtype=torch.float64),
+            "best": self.best,
+            "best_epoch": self.best_epoch,
+            "stale": self.stale,
+            "history": json.dumps(self.history),
+            "rng_torch": torch.get_rng_state(),
+            "rng_numpy": torch.from_numpy(np.frombuffer(json.dumps(_numpy_state()).encode(), dtype=np.uint8).copy()),
+            "rng_python": json.dumps(random.getstate()),
+        }
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        atomic_write_bytes(self._checkpoint_path(), buffer.getvalue())
+
+    def load_checkpoint(self) -> int:
+        """Restore from ``checkpoints/last.pt``; returns the number of batches already done in the current epoch."""
+        path = self._checkpoint_path()
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: the run stopped before its first checkpoint; start it again")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        self._plain_model().load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step, self.epoch = int(state["step"]), int(state["epoch"])
+        self.best, self.best_epoch, self.stale = float(state["best"]), int(state["best_epoch"]), int(state["stale"])
+        self.history = json.loads(state["history"])
+        torch.set_rng_state(state["rng_torch"])
+        _set_numpy_state(json.loads(bytes(state["rng_numpy"].numpy()).decode()))
+        random.setstate(_tuplify(json.loads(state["rng_python"])))
+        totals = state["epoch_totals"].tolist()
+        self._resume_totals = (totals[0], totals[1], int(totals[2]))
+        if self.accelerator.is_main_process:
+            # Rows written after this checkpoint belong to work that will be redone.
+            rows = "".join(json.dumps(entry) + "\n" for entry in self.history)
+            (self.run_dir / "metrics.jsonl").write_text(rows)
+        return int(state["batches_done"])
+
+    # -- loop --------------------------------------------------------------------------------------------------------
+
+    def _set_lr(self) -> None:
+        scale = warmup_cosine(self.step, self.total_steps, self.warmup_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["base_lr"] * scale
+
+    def _inputs(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.batch_transform(images)
+        return x.contiguous(memory_format=torch.channels_last) if self.settings.channels_last else x
+
+    def validate(self) -> dict[str, Any]:
+        """Validation loss and metrics, gathered across processes."""
+        self.model.eval()
+        all_logits, all_labels = [], []
+        with torch.inference_mode():
+            for images, labels, _ in self.val_loader:
+                with autocast(self.accelerator.device, self.settings.precision):
+                    logits = self.model(self._inputs(images))
+                logits, labels = self.accelerator.gather_for_metrics((logits.float(), labels))
+                all_logits.append(logits.cpu())
+                all_labels.append(labels.cpu())
+        logits = torch.cat(all_logits)
+        labels = torch.cat(all_labels)
+        metrics = self.evaluate_fn(labels.numpy(), torch.softmax(logits, 1).numpy())
+        metrics["loss"] = float(nn.functional.cross_entropy(logits, labels))
+        return metrics
+
+    def fit(self, resume: bool = False) -> FitResult:
+        """Train for ``settings.epochs`` epochs (or until early stopping), keeping the best epoch's weights."""
+        start = time.perf_counter()
+        tune_allocator()
+        skip = self.load_checkpoint() if resume else 0
+        if not resume and self.baseline is not None:
+            self._record(0, {"phase": "head", **self.baseline}, self.baseline)
+        stopped = False
+        with progress.bar(self.accelerator.is_main_process) as bars:
+            while self.epoch < self.settings.epochs and not stopped:
+                stopped = self._run_epoch(bars, skip)
+                skip = 0
+        self.accelerator.wait_for_everyone()
+        return FitResult(self.best, self.best_epoch, self.history, stopped, time.perf_counter() - start)
+
+    def _run_epoch(self, bars: Any, skip: int) -> bool:
+        epoch = self.epoch + 1
+        self.model.train()
+        task = bars.add_task(f"epoch {epoch}/{self.settings.epochs}", total=self.steps_per_epoch, info="")
+        tic = time.perf_counter()
+        device = self.accelerator.device
+        start = self._resume_totals if skip else (0.0, 0.0, 0)
+        loss_sum = torch.tensor(start[0], device=device)
+        correct = torch.tensor(start[1], device=device)
+        seen = start[2]
+        _set_epoch(self.train_loader, epoch)
+        loader = self.accelerator.skip_first_batches(self.train_loader, skip) if skip else self.train_loader
+        _set_epoch(loader, epoch)  # a skipping loader starts its own epoch counter at 0; keep the permutation
+        for batch_index, (images, labels, _) in enumerate(loader, start=skip):
+            self._set_lr()
+            with autocast(self.accelerator.device, self.settings.precision):
+                logits = self.model(self._inputs(images))
+            loss = self.loss_fn(logits.float(), labels)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.accelerator.backward(loss)
+            self.optimizer.step()
+            self.step += 1
+            # Accumulate on device; reading .item() every step would force a CPU-GPU sync.
+            loss_sum += loss.detach() * len(labels)
+            correct += (logits.argmax(1) == labels).sum()
+            seen += len(labels)
+            bars.update(task, advance=1, info=f"loss {loss.item():.3f}" if batch_index % 5 == 0 else None)
+            if self.settings.checkpoint_every and self.step % self.settings.checkpoint_every == 0:
+                self.save_checkpoint(batch_index + 1, (float(loss_sum), float(correct), seen))
+        totals = self.accelerator.reduce(
+            torch.stack([loss_sum, correct, torch.tensor(float(seen), device=loss_sum.device)])
+        )
+        train_seconds = time.perf_counter() - tic
+        metrics = self.validate()
+        self.epoch = epoch
+        row = {
+            "phase": "train",
+            "train_loss": float(totals[0] / totals[2].clamp_min(1)),
+            "train_accuracy": float(totals[1] / totals[2].clamp_min(1)),
+            "lr": max(g["lr"] for g in self.optimizer.param_groups),
+            "train_seconds": round(train_seconds, 3),
+            "train_images_per_s": round(float(totals[2]) / train_seconds, 2),
+            "epoch_seconds": round(time.perf_counter() - tic, 3),
+            **metrics,
+        }
+        improved = self._record(epoch, row, metrics)
+        bars.remove_task(task)
+        if self.accelerator.is_main_process:
+            progress.log(
+                f"epoch {epoch}: train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.3f} | "
+                f"val loss {metrics['loss']:.4f} acc {metrics['accuracy']:.4f} "
+                f"bal {metrics['balanced_accuracy']:.4f} | {row['train_images_per_s']:.1f} img/s"
+                + (" *" if improved else "")
+            )
+        self.save_checkpoint(0)
+        return bool(self.settings.early_stopping and self.stale >= self.settings.early_stopping)
+
+    def _record(self, epoch: int, row: dict[str, Any], metrics: dict[str, Any]) -> bool:
+        value = float(metrics[self.settings.metric])
+        improved = value > self.best
+        if improved:
+            self.best, self.best_epoch, self.stale = value, epoch, 0
+            if self.accelerator.is_main_process:
+                self.on_best(self._plain_model(), metrics)
+        else:
+            self.stale += 1
+        compact = {k: v for k, v in row.items() if k not in ("per_class", "confusion_matrix", "classes")}
+        entry = {"epoch": epoch, **compact}
+        self.history.append(entry)
+        if self.accelerator.is_main_process:
+            with (self.run_dir / "metrics.jsonl").open("a") as handle:
+                handle.write(json.dumps(entry) + "\n")
+        return improved
+
+
+def make_accelerator() -> Accelerator:
+    """An Accelerator for this launch: CUDA (one or several GPUs), or CPU processes talking over gloo.
+
+    ``split_batches`` makes ``data.batch_size`` the global batch whatever the number of processes, so results and
+    learning rates do not depend on it. Without CUDA, Accelerate only recognises a multi-process launch (torchrun,
+    ``accelerate launch``) when asked for the CPU explicitly.
+    """
+    from accelerate.utils import DataLoaderConfiguration
+
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    accelerator = Accelerator(
+        cpu=several and not torch.cuda.is_available(),
+        dataloader_config=DataLoaderConfiguration(split_batches=True),
+    )
+    if several:
+        leave_group_at_exit()
+    return accelerator
+
+
+class EpochSampler(torch.utils.data.Sampler[int]):
+    """Shuffles with a permutation that depends only on (seed, epoch), so a resumed run replays the same order and
+    every process of a distributed run agrees on it. Yields ``epoch * size + index``: the datasets take the index
+    modulo their length and use the whole key to seed that image's augmentation."""
+
+    def __init__(self, size: int, seed: int):
+        self.size = size
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the permutation of ``epoch``."""
+        self.epoch = epoch
+
+    def __iter__(self) -> Any:
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        offset = self.epoch * self.size
+        return iter((torch.randperm(self.size, generator=generator) + offset).tolist())
+
+    def __len__(self) -> int:
+        return self.size
+
+
+def _set_epoch(loader: Any, epoch: int) -> None:
+    """Tell an :class:`EpochSampler` inside a (possibly Accelerate-wrapped) loader which epoch starts."""
+    if hasattr(loader, "set_epoch"):
+        loader.set_epoch(epoch)
+    for candidate in (
+        getattr(loader, "sampler", None),
+        getattr(getattr(loader, "batch_sampler", None), "sampler", None),
+        getattr(getattr(getattr(loader, "batch_sampler", None), "batch_sampler", None), "sampler", None),
+    ):
+        if isinstance(candidate, EpochSampler):
+            candidate.set_epoch(epoch)
+
+
+def _numpy_state() -> list[Any]:
+    state: Any = np.random.get_state()
+    name, keys, pos, has_gauss, gauss = state
+    return [name, keys.tolist(), pos, has_gauss, gauss]
+
+
+def _set_numpy_state(state: list[Any]) -> None:
+    np.random.set_state((state[0], np.array(state[1], dtype=np.uint32), state[2], state[3], state[4]))
+
+
+def _tuplify(value: Any) -> Any:
+    return tuple(_tuplify(v) for v in value) if isinstance(value, list) else value
