@@ -184,8 +184,12 @@ def test_search_without_index_is_404_with_a_hint(tmp_path: Path) -> None:
         assert response.status_code == 404 and "--index" in response.json()["detail"]
         assert c.get("/thumb/0").status_code == 404
         page = c.get("/")
-        assert page.status_code == 200 and "<script>" in page.text
+        assert page.status_code == 200 and '<script src="static/service.js">' in page.text
         assert "http://" not in page.text and "https://" not in page.text  # no external assets
+        for asset, kind in (("service.js", "javascript"), ("service.css", "text/css"), ("style.css", "text/css")):
+            response = c.get(f"/static/{asset}")
+            assert response.status_code == 200 and kind in response.headers["content-type"] and response.text, asset
+        assert c.get("/static/missing.js").status_code == 404
 
 
 @pytest.mark.slow

@@ -17,24 +17,26 @@ def default_cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
     return Path(root).expanduser()
 
 
+def installed_version(package: str, missing: str = "not installed") -> str:
+    """The installed version of ``package``, read from its metadata (no import), or ``missing`` when it is absent."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return missing
+
+
 def versions() -> dict[str, str]:
     """Library versions recorded with every model (read from the installed metadata: importing timm and torchvision
     to ask them would cost seconds)."""
-    from importlib.metadata import PackageNotFoundError, version
-
     from headstart._version import __version__
-
-    def installed(package: str) -> str:
-        try:
-            return version(package)
-        except PackageNotFoundError:
-            return "not installed"
 
     return {
         "headstart": __version__,
         "torch": torch.__version__,
-        "torchvision": installed("torchvision"),
-        "timm": installed("timm"),
+        "torchvision": installed_version("torchvision"),
+        "timm": installed_version("timm"),
         "python": platform.python_version(),
     }
 

@@ -126,6 +126,20 @@ def open_image(source: Path | bytes, draft: int | None = None, name: str | None 
         raise DataError(f"{label}: refused ({error})") from error
 
 
+def thumbnail(source: Path | bytes, side: int) -> Image.Image:
+    """A small RGB copy of an image, at most ``side`` pixels on its longer side, aspect ratio kept.
+
+    Decoded by :func:`open_image` (same safety checks; JPEGs decode at reduced scale), so a thumbnail of a huge
+    photo costs little more than one of a small one.
+
+    Raises:
+        DataError: naming the file, for anything that is not a readable image.
+    """
+    image = open_image(source, draft=side)
+    image.thumbnail((side, side), Image.Resampling.BICUBIC)
+    return image
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
     """8-bit RGB version of any Pillow image; transparency is composited on white."""
     if image.mode == "RGB":

@@ -534,7 +534,7 @@ def contact_sheet(results: Sequence[SearchResult], path: str | Path, thumb: int 
     """Write a picture with one row per query: the query (blue frame), then its results with scores and labels."""
     from PIL import Image, ImageDraw
 
-    from headstart.data.scan import open_image
+    from headstart.data.scan import thumbnail
 
     columns = 1 + max((len(r.hits) for r in results), default=0)
     caption = 14
@@ -544,8 +544,7 @@ def contact_sheet(results: Sequence[SearchResult], path: str | Path, thumb: int 
     def paste(source: Path | str, row: int, col: int, text: str, frame: str | None) -> None:
         x, y = col * (thumb + 4) + 2, row * (thumb + caption + 4) + 2
         try:
-            image = open_image(Path(source), draft=thumb)
-            image.thumbnail((thumb, thumb))
+            image = thumbnail(Path(source), thumb)
             sheet.paste(image, (x + (thumb - image.width) // 2, y + (thumb - image.height) // 2))
         except (DataError, OSError):
             draw.text((x + 4, y + thumb // 2), "unreadable", fill="red")

@@ -16,7 +16,6 @@ the flagged files, which ``headstart train`` reads like a folder.
 from __future__ import annotations
 
 import csv
-import html
 import json
 import time
 from collections import Counter
@@ -29,11 +28,12 @@ import numpy as np
 from PIL import Image
 
 from headstart import progress
-from headstart.data.scan import Dataset, ImageRecord, Skipped, load_dataset, open_image
+from headstart.data.scan import Dataset, ImageRecord, Skipped, load_dataset, open_image, thumbnail
 from headstart.errors import DataError
 from headstart.features.embeddings import embed
 from headstart.files import default_cache_root
 from headstart.hardware import pick_device, resolve_precision
+from headstart.insight.pages import Table, render
 from headstart.models.backbones import DEFAULT_BACKBONE, create_backbone
 
 # Near duplicates need two agreeing signals: the backbone's features say "same picture content" and a 16x16 grayscale
@@ -478,59 +478,54 @@ def write_report(result: AuditResult, folder: Path) -> list[Path]:
     return [csv_path, json_path, html_path]
 
 
-def _thumbnail(path: Path, folder: Path, name: str, size: int = 128) -> str | None:
-    """Write a small JPEG of ``path`` into ``folder/thumbs``; its relative URL, or None when it cannot be decoded."""
+THUMB_SIDE = 128  # pixels, longer side of an audit thumbnail
+
+
+@dataclass(frozen=True)
+class _Card:
+    """One flagged file as the audit page shows it: thumbnail (None when undecodable), path and what is wrong."""
+
+    url: str | None
+    path: Path
+    caption: str
+
+
+def _card(path: Path, caption: str, folder: Path, name: str) -> _Card:
+    """The card of ``path``, its thumbnail written as ``folder/thumbs/<name>.jpg``."""
     try:
-        image = open_image(path, draft=size)
+        image = thumbnail(path, THUMB_SIDE)
     except DataError:
-        return None
-    image.thumbnail((size, size), Image.Resampling.BICUBIC)
+        return _Card(None, path, caption)
     target = folder / "thumbs" / f"{name}.jpg"
     target.parent.mkdir(exist_ok=True)
     image.save(target, quality=80)
-    return f"thumbs/{target.name}"
-
-
-def _card(path: Path, caption: str, folder: Path, name: str) -> str:
-    url = _thumbnail(path, folder, name)
-    picture = f'<img src="{html.escape(url)}" alt="">' if url else '<div class="none">cannot decode</div>'
-    return (
-        f'<figure>{picture}<figcaption title="{html.escape(str(path))}">{html.escape(path.name)}<br>'
-        f"{html.escape(caption)}</figcaption></figure>"
-    )
+    return _Card(f"thumbs/{target.name}", path, caption)
 
 
 def _html(result: AuditResult, folder: Path) -> str:
-    parts = [
-        "<!doctype html><meta charset='utf-8'><title>headstart audit</title><style>"
-        "body{font-family:sans-serif;margin:1.5em}section{border-top:1px solid #ccc;padding:.5em 0}"
-        "figure{display:inline-block;margin:4px;width:140px;vertical-align:top;font-size:11px;word-break:break-all}"
-        "img{max-width:128px;max-height:128px}.none{width:128px;height:96px;background:#eee;text-align:center}"
-        "table{border-collapse:collapse}td,th{border:1px solid #ddd;padding:2px 8px}</style>",
-        f"<h1>Audit of {html.escape(str(result.root))}</h1>",
-        f"<p>backbone {html.escape(str(result.backbone))}, near-duplicate threshold {result.near_threshold}, "
-        f"{result.seconds:.1f} s</p><table><tr><th>kind</th><th>files</th></tr>",
+    """The audit page (``audit.html`` template); writes the thumbnails it shows into ``folder/thumbs``."""
+    groups = [
+        (f"group {g.id}: {g.name}", [_card(m.path, f"{m.split} / {m.label}", folder, f"g{g.id}_{n}")
+                                     for n, m in enumerate(g.members)])
+        for g in result.groups
+    ]  # fmt: skip
+    issues = [
+        _card(i.path, f"{i.split} / {i.label} → {i.suggested} ({i.suggested_probability:.2f})", folder, f"li{n}")
+        for n, i in enumerate(result.label_issues)
     ]
-    parts += [f"<tr><td>{k}</td><td>{v}</td></tr>" for k, v in sorted(result.counts().items())]
-    parts.append(f"</table><h2>Statistics</h2><pre>{html.escape(json.dumps(result.stats, indent=1))}</pre>")
-    if result.unreadable:
-        parts.append("<h2>Unreadable and placeholder files</h2><section>")
-        parts += [_card(s.path, s.reason, folder, f"skip{n}") for n, s in enumerate(result.unreadable)]
-        parts.append("</section>")
-    if result.groups:
-        parts.append("<h2>Duplicate groups</h2>")
-    for g in result.groups:
-        parts.append(f"<section><b>group {g.id}: {g.name}</b><br>")
-        parts += [_card(m.path, f"{m.split} / {m.label}", folder, f"g{g.id}_{n}") for n, m in enumerate(g.members)]
-        parts.append("</section>")
-    if result.label_issues:
-        parts.append("<h2>Likely label errors</h2><section>")
-        parts += [
-            _card(i.path, f"{i.split} / {i.label} → {i.suggested} ({i.suggested_probability:.2f})", folder, f"li{n}")
-            for n, i in enumerate(result.label_issues)
-        ]
-        parts.append("</section>")
-    return "\n".join(parts)
+    return render(
+        "audit.html",
+        title="headstart audit",
+        root=result.root,
+        backbone=result.backbone,
+        near_threshold=result.near_threshold,
+        seconds=result.seconds,
+        counts=Table(("kind", "files"), sorted(result.counts().items())),
+        stats=json.dumps(result.stats, indent=1),
+        unreadable=[_card(s.path, s.reason, folder, f"skip{n}") for n, s in enumerate(result.unreadable)],
+        groups=groups,
+        label_issues=issues,
+    )
 
 
 def write_clean_manifest(result: AuditResult, path: str | Path, drop: Sequence[str] = DROP_CHOICES) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,12 +71,9 @@ class Model:
         if not files:
             raise DataError(f"no files found in {inputs}")
         probs, out = self.predict_proba(files, batch_size)
-        rows = []
-        k = max(1, min(top_k, len(self.classes)))
-        for row, i in zip(probs, np.flatnonzero(out.ok), strict=True):
-            order = np.argsort(-row)[:k]
-            top = [(self.classes[j], float(row[j])) for j in order]
-            rows.append(Prediction(files[i], top[0][0], top[0][1], top))
+        decoded = np.flatnonzero(out.ok)
+        tops = top_classes(probs, self.classes, top_k)
+        rows = [Prediction(files[i], top[0][0], top[0][1], top) for i, top in zip(decoded, tops, strict=True)]
         return rows, out.failed
 
     def evaluate(self, data: str | Path | Dataset, split: str = "val", batch_size: int = 32) -> dict[str, Any]:
@@ -84,10 +82,7 @@ class Model:
         records = {"train": dataset.train, "val": dataset.val, "test": dataset.test}[split]
         if not records:
             raise DataError(f"{dataset.root} has no {split} images")
-        mapping = {i: self.classes.index(name) for i, name in enumerate(dataset.classes) if name in self.classes}
-        unknown = sorted(set(dataset.classes) - set(self.classes))
-        if unknown:
-            raise DataError(f"{dataset.root} has classes {unknown} the model was not trained on ({self.classes})")
+        mapping = class_mapping(dataset, self.classes)
         probs, out = self.predict_proba(records, batch_size)
         labels = np.array([mapping[records[i].label] for i in np.flatnonzero(out.ok)])
         metrics = classification_metrics(labels, probs, self.classes)
@@ -102,6 +97,29 @@ class Model:
         """Backbone features of images (the model's own embedding space)."""
         result = embed(self.classifier.backbone, inputs, batch_size=batch_size, precision=self.precision)
         return result.features
+
+
+def top_classes(probs: np.ndarray, classes: Sequence[str], k: int) -> list[list[tuple[str, float]]]:
+    """The ``k`` most probable classes of each row of ``probs`` [N, C], best first, as ``(name, probability)``.
+
+    ``k`` is clipped to 1..C. Ties keep class order (a stable sort), so equal inputs always give equal answers.
+    """
+    k = max(1, min(k, len(classes)))
+    order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+    return [[(classes[j], float(row[j])) for j in picks] for row, picks in zip(probs, order, strict=True)]
+
+
+def class_mapping(dataset: Dataset, classes: Sequence[str], model: str = "the model") -> dict[int, int]:
+    """Dataset class index -> index in a model's ``classes``, matched by name.
+
+    Raises:
+        DataError: when the dataset has a class the model was not trained on (``model`` names it in the message).
+    """
+    unknown = sorted(set(dataset.classes) - set(classes))
+    if unknown:
+        raise DataError(f"{dataset.root} has classes {unknown} {model} was not trained on ({list(classes)})")
+    position = {name: j for j, name in enumerate(classes)}
+    return {i: position[name] for i, name in enumerate(dataset.classes)}
 
 
 def load(run: str | Path) -> Model:

@@ -2,8 +2,9 @@
 
 ``build_report(run_dir)`` reads a run folder (``model.json``, ``metrics.jsonl``, ``skipped_files.txt``), runs the
 validation images through the saved model once (probabilities and embeddings from the same pass), and writes PNG
-figures into ``run_dir/figures/`` and a self-contained ``run_dir/report.html`` beside them: inline CSS, relative
-image links, no script and no CDN, so it opens from disk in any browser, offline.
+figures into ``run_dir/figures/`` and a self-contained ``run_dir/report.html`` beside them (a page of sections, see
+:mod:`headstart.insight.pages`): inline CSS, relative image links, no script and no CDN, so it opens from disk in any
+browser, offline.
 
 Figures are drawn with matplotlib's object-oriented API (``Figure`` + Agg canvas), never ``pyplot``: no global
 backend state is touched, so building a report inside another program cannot change how that program plots.
@@ -11,11 +12,10 @@ backend state is touched, so building a report inside another program cannot cha
 
 from __future__ import annotations
 
-import html
 import json
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,23 +30,13 @@ from headstart.data.transforms import eval_tensor, normalize
 from headstart.errors import DataError
 from headstart.features.inference import run_model
 from headstart.insight.metrics import classification_metrics
+from headstart.insight.pages import Section, Table, render_sections
 from headstart.models.classifier import Classifier
 
 FIGURES = "figures"
 MAX_MISTAKES = 24  # misclassified images shown; the most confident mistakes first, they are the instructive ones
 CAM_PER_KIND = 4  # Grad-CAM overlays per kind (correct, wrong)
 MIN_TSNE = 10  # below this many points t-SNE has no neighbourhoods to preserve; PCA is used instead
-
-
-@dataclass
-class Section:
-    """One block of the HTML report: a heading, optional image, optional pre-rendered HTML and notes."""
-
-    title: str
-    image: str | None = None  # file name under figures/
-    alt: str = ""
-    body: str = ""  # trusted HTML built in this module (every interpolated value escaped)
-    notes: list[str] = field(default_factory=list)
 
 
 class _FeaturesAndLogits(nn.Module):
@@ -384,55 +374,7 @@ def _dataset_for(info: dict[str, Any], data: str | Path | Dataset | None) -> Dat
     return load_dataset(path, float(settings.get("val_fraction", 0.2)), int(settings.get("split_seed", 0)))
 
 
-# -- HTML ------------------------------------------------------------------------------------------------------------
-
-CSS = """
-body { font-family: system-ui, -apple-system, Segoe UI, Helvetica, Arial, sans-serif; margin: 2em auto;
-       max-width: 1100px; color: #222; line-height: 1.45; padding: 0 1em; }
-h1 { margin-bottom: 0.2em; } h2 { border-bottom: 1px solid #ddd; padding-bottom: 0.2em; margin-top: 1.8em; }
-table { border-collapse: collapse; margin: 0.6em 0; }
-th, td { border: 1px solid #ccc; padding: 0.25em 0.7em; text-align: right; }
-th:first-child, td:first-child { text-align: left; }
-th { background: #f3f3f3; }
-img { max-width: 100%; height: auto; border: 1px solid #eee; }
-.note { color: #7a5b00; background: #fff8e1; padding: 0.3em 0.6em; border-left: 3px solid #e0b000; }
-.muted { color: #666; font-size: 0.9em; }
-code { background: #f5f5f5; padding: 0 0.2em; }
-"""
-
-
-def esc(value: Any) -> str:
-    """HTML-escape any value's text."""
-    return html.escape(str(value), quote=True)
-
-
-def html_table(header: Sequence[str], rows: Sequence[Sequence[Any]], table_id: str = "") -> str:
-    """A plain HTML table; every cell escaped."""
-    ident = f' id="{esc(table_id)}"' if table_id else ""
-    head = "".join(f"<th>{esc(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<table{ident}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
-def render_page(title: str, subtitle: str, sections: Sequence[Section]) -> str:
-    """A standalone HTML page: inline CSS, images by relative path."""
-    parts = [
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>{esc(title)}</title><style>{CSS}</style></head><body>",
-        f"<h1>{esc(title)}</h1><p class='muted'>{esc(subtitle)}</p>",
-    ]
-    for s in sections:
-        parts.append(f"<section><h2>{esc(s.title)}</h2>")
-        parts.extend(f"<p class='note'>{esc(n)}</p>" for n in s.notes)
-        if s.body:
-            parts.append(s.body)
-        if s.image:
-            parts.append(f'<p><img src="{esc(FIGURES + "/" + s.image)}" alt="{esc(s.alt or s.title)}"></p>')
-        parts.append("</section>")
-    parts.append("</body></html>")
-    return "\n".join(parts)
+# -- the page -------------------------------------------------------------------------------------------------------
 
 
 def _fmt(value: Any) -> str:
@@ -450,7 +392,7 @@ def build_report(run_dir: str | Path, data: str | Path | Dataset | None = None) 
     Returns:
         The path of ``report.html``.
     """
-    from headstart.insight.predictor import load
+    from headstart.insight.predictor import class_mapping, load
 
     run_dir = Path(run_dir)
     model = load(run_dir)  # raises a clear error when run_dir is not a run folder
@@ -460,28 +402,35 @@ def build_report(run_dir: str | Path, data: str | Path | Dataset | None = None) 
     figures.mkdir(exist_ok=True)
     for old in figures.glob("*.png"):  # a rebuilt report must not show pictures of an older model
         old.unlink()
-    history = read_history(run_dir)
-    sections: list[Section] = []
-
     dataset = _dataset_for(info, data)
-    unknown = sorted(set(dataset.classes) - set(classes))
-    if unknown:
-        raise DataError(f"{dataset.root} has classes {unknown} the model in {run_dir} was not trained on ({classes})")
+    mapping = class_mapping(dataset, classes, f"the model in {run_dir}")
     if not dataset.val:
         raise DataError(f"{dataset.root} has no validation images to report on")
-    mapping = {i: classes.index(name) for i, name in enumerate(dataset.classes)}
     vp = validation_pass(model, dataset.val, mapping)
     metrics = classification_metrics(vp.labels, vp.probs, classes)
+    sections = [
+        _summary_section(info, dataset, vp, metrics),
+        *_figure_sections(run_dir, model, vp, metrics),
+        _skipped_section(run_dir),
+    ]
+    title = f"headstart run: {info.get('strategy', '?')} on {info.get('backbone', '?')}"
+    subtitle = f"{run_dir.resolve()} | data {dataset.root} | {len(classes)} classes: {', '.join(classes)}"
+    out = run_dir / "report.html"
+    out.write_text(render_sections(title, subtitle, sections, FIGURES), encoding="utf-8")
+    return out
 
-    summary_notes = []
+
+def _summary_section(info: dict[str, Any], dataset: Dataset, vp: ValPass, metrics: dict[str, Any]) -> Section:
+    """The model, the headline scores and what the figures below are (not) based on."""
+    notes = []
     if info.get("data_fingerprint") and info["data_fingerprint"] != dataset.fingerprint():
-        summary_notes.append(
+        notes.append(
             f"The data in {dataset.root} differs from what this model was trained on (fingerprint mismatch); "
             "the figures describe the data as it is now."
         )
     if vp.failed:
-        summary_notes.append(f"{len(vp.failed)} validation image(s) could not be decoded and are left out.")
-    summary_rows = [
+        notes.append(f"{len(vp.failed)} validation image(s) could not be decoded and are left out.")
+    rows = [
         ("strategy", info.get("strategy", "?")),
         ("backbone", f"{info.get('backbone')} ({info.get('weights_source', '?')})"),
         ("validation images", metrics["n"]),
@@ -489,84 +438,96 @@ def build_report(run_dir: str | Path, data: str | Path | Dataset | None = None) 
         ("balanced accuracy", _fmt(metrics["balanced_accuracy"])),
     ]
     if "roc_auc" in metrics:
-        summary_rows.append(("ROC-AUC", _fmt(metrics["roc_auc"])))
+        rows.append(("ROC-AUC", _fmt(metrics["roc_auc"])))
     if info.get("train_seconds") is not None:
-        summary_rows.append(("training wall time (s)", info["train_seconds"]))
+        rows.append(("training wall time (s)", info["train_seconds"]))
     counts = info.get("train_counts") or {}
-    summary_rows.append(("training images", ", ".join(f"{k} {v}" for k, v in counts.items()) or "?"))
-    sections.append(Section("Summary", body=html_table(("", "value"), summary_rows, "summary"), notes=summary_notes))
+    rows.append(("training images", ", ".join(f"{k} {v}" for k, v in counts.items()) or "?"))
+    return Section("Summary", table=Table(("", "value"), rows, "summary"), notes=notes)
 
+
+def _figure_sections(run_dir: Path, model: Any, vp: ValPass, metrics: dict[str, Any]) -> list[Section]:
+    """The sections with a figure, drawn one after another under one progress bar."""
+    figures = run_dir / FIGURES
+    classes: list[str] = model.classes
+    steps: list[Callable[[], Section]] = [
+        lambda: _curves_section(run_dir),
+        lambda: Section(
+            "Confusion matrix",
+            image=plot_confusion(metrics["confusion_matrix"], classes, figures / "confusion_matrix.png"),
+            alt="confusion matrix of the validation set, rows true, columns predicted",
+        ),
+        lambda: _per_class_section(metrics["per_class"], figures),
+        lambda: _mistakes_section(vp, classes, model.preprocessing, figures),
+        lambda: _gradcam_section(vp, model, figures),
+        lambda: _embedding_section(vp, classes, figures),
+    ]
+    sections = []
     with progress.bar() as bars:
-        task = bars.add_task("report figures", total=6, info="")
-        curves = Section("Learning curves", alt="loss and accuracy per epoch, train and validation")
-        if history:
-            curves.image = plot_learning_curves(history, figures / "learning_curves.png")
-            if len(history) == 1:
-                curves.notes.append("One point: the extract strategy fits its head once, on frozen features.")
-        else:
-            curves.notes.append(f"{run_dir / 'metrics.jsonl'} is missing: no curves to draw.")
-        sections.append(curves)
-        bars.advance(task)
+        task = bars.add_task("report figures", total=len(steps), info="")
+        for step in steps:
+            sections.append(step())
+            bars.advance(task)
+    return sections
 
-        sections.append(
-            Section(
-                "Confusion matrix",
-                image=plot_confusion(metrics["confusion_matrix"], classes, figures / "confusion_matrix.png"),
-                alt="confusion matrix of the validation set, rows true, columns predicted",
-            )
-        )
-        bars.advance(task)
 
-        per_class_rows = [
-            (name, f"{r['precision']:.3f}", f"{r['recall']:.3f}", f"{r['f1']:.3f}", r["support"])
-            for name, r in metrics["per_class"].items()
-        ]
-        sections.append(
-            Section(
-                "Per-class precision, recall and F1",
-                image=plot_per_class(metrics["per_class"], figures / "per_class.png"),
-                alt="per-class precision, recall and F1 bars",
-                body=html_table(("class", "precision", "recall", "F1", "support"), per_class_rows, "per-class"),
-            )
-        )
-        bars.advance(task)
+def _curves_section(run_dir: Path) -> Section:
+    history = read_history(run_dir)
+    section = Section("Learning curves", alt="loss and accuracy per epoch, train and validation")
+    if history:
+        section.image = plot_learning_curves(history, run_dir / FIGURES / "learning_curves.png")
+        if len(history) == 1:
+            section.notes.append("One point: the extract strategy fits its head once, on frozen features.")
+    else:
+        section.notes.append(f"{run_dir / 'metrics.jsonl'} is missing: no curves to draw.")
+    return section
 
-        mistakes, n_wrong = plot_mistakes(vp, classes, model.preprocessing, figures / "misclassified.png")
-        section = Section("Misclassified validation images", image=mistakes, alt="grid of misclassified images")
-        if mistakes is None:
-            section.notes.append("No validation image is misclassified.")
-        elif n_wrong > MAX_MISTAKES:
-            section.notes.append(f"Showing the {MAX_MISTAKES} most confident of {n_wrong} mistakes.")
-        sections.append(section)
-        bars.advance(task)
 
-        cam, cam_note = plot_gradcam(vp, model, figures / "gradcam.png")
-        section = Section("Grad-CAM", image=cam, alt="Grad-CAM overlays on correct and wrong predictions")
-        if cam is None:
-            section.notes.append(cam_note)
-        else:
-            section.body = f"<p class='muted'>{esc(cam_note)} Red: regions that raised the predicted class.</p>"
-        sections.append(section)
-        bars.advance(task)
-
-        emb, method = plot_embedding_map(vp, classes, figures / "embedding_map.png")
-        section = Section("Validation embeddings", image=emb, alt=f"2-D map of validation embeddings ({method})")
-        if emb is None:
-            section.notes.append(method)
-        else:
-            section.body = "<p class='muted'>Backbone features of each validation image; crosses are mistakes.</p>"
-        sections.append(section)
-        bars.advance(task)
-
-    skipped = read_skipped(run_dir)
-    sections.append(
-        Section(
-            f"Skipped files ({len(skipped)})",
-            body=html_table(("file", "reason"), skipped, "skipped") if skipped else "<p>None: every file was read.</p>",
-        )
+def _per_class_section(per_class: dict[str, dict[str, Any]], figures: Path) -> Section:
+    rows = [
+        (name, f"{r['precision']:.3f}", f"{r['recall']:.3f}", f"{r['f1']:.3f}", r["support"])
+        for name, r in per_class.items()
+    ]
+    return Section(
+        "Per-class precision, recall and F1",
+        image=plot_per_class(per_class, figures / "per_class.png"),
+        alt="per-class precision, recall and F1 bars",
+        table=Table(("class", "precision", "recall", "F1", "support"), rows, "per-class"),
     )
-    title = f"headstart run: {info.get('strategy', '?')} on {info.get('backbone', '?')}"
-    subtitle = f"{run_dir.resolve()} | data {dataset.root} | {len(classes)} classes: {', '.join(classes)}"
-    out = run_dir / "report.html"
-    out.write_text(render_page(title, subtitle, sections), encoding="utf-8")
-    return out
+
+
+def _mistakes_section(vp: ValPass, classes: list[str], prep: Any, figures: Path) -> Section:
+    mistakes, n_wrong = plot_mistakes(vp, classes, prep, figures / "misclassified.png")
+    section = Section("Misclassified validation images", image=mistakes, alt="grid of misclassified images")
+    if mistakes is None:
+        section.notes.append("No validation image is misclassified.")
+    elif n_wrong > MAX_MISTAKES:
+        section.notes.append(f"Showing the {MAX_MISTAKES} most confident of {n_wrong} mistakes.")
+    return section
+
+
+def _gradcam_section(vp: ValPass, model: Any, figures: Path) -> Section:
+    cam, note = plot_gradcam(vp, model, figures / "gradcam.png")
+    section = Section("Grad-CAM", image=cam, alt="Grad-CAM overlays on correct and wrong predictions")
+    if cam is None:
+        section.notes.append(note)
+    else:
+        section.text = f"{note} Red: regions that raised the predicted class."
+    return section
+
+
+def _embedding_section(vp: ValPass, classes: list[str], figures: Path) -> Section:
+    emb, method = plot_embedding_map(vp, classes, figures / "embedding_map.png")
+    section = Section("Validation embeddings", image=emb, alt=f"2-D map of validation embeddings ({method})")
+    if emb is None:
+        section.notes.append(method)
+    else:
+        section.text = "Backbone features of each validation image; crosses are mistakes."
+    return section
+
+
+def _skipped_section(run_dir: Path) -> Section:
+    skipped = read_skipped(run_dir)
+    if not skipped:
+        return Section("Skipped files (0)", text="None: every file was read.")
+    return Section(f"Skipped files ({len(skipped)})", table=Table(("file", "reason"), skipped, "skipped"))

@@ -27,6 +27,7 @@ from torch import nn
 
 from headstart import progress
 from headstart.data.transforms import Preprocessing
+from headstart.files import versions
 from headstart.models.classifier import load_classifier
 
 FORMATS = ("onnx", "torchscript")
@@ -120,8 +121,6 @@ def export(
 
 def export_metadata(info: dict[str, Any], what: str, input: str, format: str) -> dict[str, str]:
     """String metadata stored in an exported file (JSON values for the structured ones)."""
-    from headstart._version import __version__
-
     prep = info["preprocessing"]
     side = int(prep["input_size"])
     dtype = "uint8" if input == "uint8" else "float32"
@@ -131,7 +130,7 @@ def export_metadata(info: dict[str, Any], what: str, input: str, format: str) ->
     width = len(info["classes"]) if what == "classifier" else int(info["num_features"])
     outputs = {"name": "logits" if what == "classifier" else "features", "shape": ["batch", width]}
     return {
-        "headstart_version": __version__,
+        "headstart_version": versions()["headstart"],
         "format": format,
         "what": what,
         "backbone": str(info["backbone"]),

@@ -7,8 +7,9 @@ Endpoints:
 * ``GET /thumb/{id}``: a JPEG thumbnail of an indexed image; only ids in the index are served, so no request can name
   a file on disk.
 * ``GET /health``: model, classes and index size. ``GET /docs``: the OpenAPI documentation.
-* ``GET /``: a self-contained page (no external assets): drop or choose an image, see the class probabilities as bars
-  and, with an index, the most similar images as thumbnails.
+* ``GET /``: a web page (template ``service.html``, its script and styles under ``GET /static/``; no external
+  assets): drop or choose an image, see the class probabilities as bars and, with an index, the most similar images
+  as thumbnails.
 
 Bad input is the client's error, never a crash: bodies over ``max_upload_bytes`` get 413 (FastAPI checks the
 ``Content-Length`` header and counts the bytes actually received), files that are not images, truncated images and
@@ -33,14 +34,16 @@ import numpy as np
 import torch
 from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from headstart import progress
-from headstart.data.scan import open_image
+from headstart.data.scan import thumbnail
 from headstart.data.transforms import Preprocessing, eval_tensor, normalize
 from headstart.errors import DataError
 from headstart.hardware import autocast
-from headstart.insight.predictor import Model, load
+from headstart.insight.pages import render, stylesheet
+from headstart.insight.predictor import Model, load, top_classes
 from headstart.models.backbones import Backbone
 
 DEFAULT_MAX_UPLOAD = 16 * 2**20  # bytes per request: a few phone photos; larger bodies get 413
@@ -120,14 +123,11 @@ class Service:
         x = normalize(batch, self.model.preprocessing).to(self.model.device)
         with self.lock, torch.inference_mode(), autocast(self.model.device, self.model.precision):
             probs = torch.softmax(self.model.classifier(x).float(), dim=1).cpu().numpy()
-        k = min(top_k, len(self.model.classes))
-        results = []
-        for upload, row in zip(uploads, probs, strict=True):
-            order = np.argsort(-row, kind="stable")[:k]
-            top = [{"label": self.model.classes[j], "probability": float(row[j])} for j in order]
-            results.append({"filename": upload.name, "label": top[0]["label"], "probability": top[0]["probability"],
-                            "top": top})  # fmt: skip
-        return results
+        return [
+            {"filename": upload.name, "label": top[0][0], "probability": top[0][1],
+             "top": [{"label": label, "probability": p} for label, p in top]}
+            for upload, top in zip(uploads, top_classes(probs, self.model.classes, top_k), strict=True)
+        ]  # fmt: skip
 
     def search(self, uploads: list[_Upload], k: int) -> list[dict[str, Any]]:
         """Nearest indexed images of each upload, best first."""
@@ -154,10 +154,9 @@ class Service:
             raise HTTPException(404, f"no indexed image with id {item}")
         path = self.index.paths[item]
         try:
-            image = open_image(path, draft=THUMB_SIDE)
+            image = thumbnail(path, THUMB_SIDE)
         except (DataError, OSError) as error:
             raise HTTPException(404, f"indexed image {item} is no longer readable") from error
-        image.thumbnail((THUMB_SIDE, THUMB_SIDE))
         buffer = io.BytesIO()
         image.save(buffer, "JPEG", quality=85)
         return buffer.getvalue()
@@ -235,12 +234,27 @@ def create_app(
         return Response(service.thumbnail(item), media_type="image/jpeg",
                         headers={"Cache-Control": "public, max-age=3600"})  # fmt: skip
 
+    _add_page(app)
+    return app
+
+
+def _add_page(app: FastAPI) -> None:
+    """``GET /``, the web page, and ``GET /static/...``, its stylesheets and script."""
+    page_html = render("service.html", title="headstart")  # the page has no server-side values: render it once
+    style = stylesheet()
+
     @app.get("/", response_class=HTMLResponse)
     def page() -> HTMLResponse:
         """The web page."""
-        return HTMLResponse(PAGE)
+        return HTMLResponse(page_html)
 
-    return app
+    # The shared stylesheet is headstart.insight's (the offline pages inline it); this route comes before the mount
+    # below, so it answers for static/style.css and the mount serves the page's own files.
+    @app.get("/static/style.css", response_class=Response, include_in_schema=False)
+    def style_css() -> Response:
+        return Response(style, media_type="text/css")
+
+    app.mount("/static", StaticFiles(packages=[("headstart.serving", "static")]), name="static")
 
 
 async def _in_thread(fn: Any, *args: Any) -> Any:
@@ -286,121 +300,3 @@ def serve_in_thread(app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> Ite
         server.should_exit = True
         thread.join(timeout=10)
         sock.close()
-
-
-PAGE = """<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>headstart</title>
-<style>
-  body { font: 15px/1.4 system-ui, sans-serif; max-width: 900px; margin: 2em auto; padding: 0 1em; color: #222; }
-  h1 { font-size: 1.4em; margin-bottom: .2em; }
-  #model { color: #666; margin-bottom: 1em; }
-  #drop { border: 2px dashed #999; border-radius: 10px; padding: 2em; text-align: center; cursor: pointer; }
-  #drop.over { background: #eef6ff; border-color: #3b82f6; }
-  #preview { max-width: 240px; max-height: 240px; display: none; margin: 1em auto; border-radius: 6px; }
-  #error { color: #b91c1c; margin: 1em 0; white-space: pre-wrap; }
-  .row { display: flex; align-items: center; gap: .6em; margin: .3em 0; }
-  .bar-label { width: 160px; text-align: right; overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
-  .bar-track { flex: 1; background: #eee; border-radius: 4px; height: 20px; }
-  .bar-fill { background: #3b82f6; height: 100%; border-radius: 4px; }
-  .bar-value { width: 60px; font-variant-numeric: tabular-nums; }
-  #thumbs { display: flex; flex-wrap: wrap; gap: .8em; margin-top: 1em; }
-  figure { margin: 0; text-align: center; font-size: .85em; }
-  figure img { display: block; max-width: 160px; max-height: 160px; border-radius: 4px; }
-</style>
-</head>
-<body>
-<h1>headstart</h1>
-<div id="model">loading model information...</div>
-<div id="drop">Drop an image here, or <label><u>choose a file</u>
-  <input id="file" type="file" accept="image/*" hidden></label></div>
-<img id="preview" alt="query image">
-<div id="error" role="alert"></div>
-<section id="predictions" aria-label="predicted classes"><div id="bars"></div></section>
-<section id="similar" aria-label="most similar images" hidden><h2>Most similar</h2><div id="thumbs"></div></section>
-<script>
-"use strict";
-const $ = (id) => document.getElementById(id);
-let hasIndex = false;
-
-function element(tag, cls, text) {
-  const e = document.createElement(tag);
-  if (cls) e.className = cls;
-  if (text !== undefined) e.textContent = text;  // textContent: file names and labels are never parsed as HTML
-  return e;
-}
-
-async function call(url, file) {
-  const body = new FormData();
-  body.append("files", file, file.name);
-  const response = await fetch(url, { method: "POST", body });
-  const data = await response.json().catch(() => ({ detail: response.statusText }));
-  if (!response.ok) throw new Error(typeof data.detail === "string" ? data.detail : JSON.stringify(data.detail));
-  return data.results[0];
-}
-
-function showBars(result) {
-  const bars = $("bars");
-  bars.replaceChildren();
-  for (const item of result.top) {
-    const row = element("div", "row");
-    row.append(element("span", "bar-label", item.label));
-    const track = element("div", "bar-track"), fill = element("div", "bar-fill");
-    fill.style.width = (100 * item.probability).toFixed(1) + "%";
-    track.append(fill);
-    row.append(track, element("span", "bar-value", (100 * item.probability).toFixed(1) + "%"));
-    bars.append(row);
-  }
-}
-
-function showThumbs(result) {
-  const thumbs = $("thumbs");
-  thumbs.replaceChildren();
-  for (const n of result.neighbours) {
-    const fig = element("figure"), img = element("img");
-    img.src = n.thumb;
-    img.alt = n.name;
-    fig.append(img, element("figcaption", "", n.label + " · " + n.score.toFixed(3)));
-    thumbs.append(fig);
-  }
-  $("similar").hidden = false;
-}
-
-async function handle(file) {
-  if (!file) return;
-  $("error").textContent = "";
-  $("bars").replaceChildren();
-  $("thumbs").replaceChildren();
-  const preview = $("preview");
-  preview.src = URL.createObjectURL(file);
-  preview.style.display = "block";
-  try {
-    showBars(await call("predict?top_k=5", file));
-    if (hasIndex) showThumbs(await call("search?k=8", file));
-  } catch (error) {
-    $("error").textContent = error.message;
-  }
-}
-
-const drop = $("drop");
-drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
-drop.addEventListener("dragleave", () => drop.classList.remove("over"));
-drop.addEventListener("drop", (e) => {
-  e.preventDefault();
-  drop.classList.remove("over");
-  handle(e.dataTransfer.files[0]);
-});
-$("file").addEventListener("change", (e) => handle(e.target.files[0]));
-
-fetch("health").then((r) => r.json()).then((h) => {
-  hasIndex = h.index;
-  $("model").textContent = h.backbone + " · classes: " + h.classes.join(", ") +
-    (h.index ? " · index of " + h.index_size + " images" : "");
-});
-</script>
-</body>
-</html>
-"""

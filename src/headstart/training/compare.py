@@ -20,7 +20,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -28,9 +28,13 @@ from matplotlib.figure import Figure
 from headstart import progress
 from headstart.config import STRATEGIES
 from headstart.hardware import launch_rank
-from headstart.insight.report import FIGURES, Section, esc, html_table, read_history, render_page
+from headstart.insight.pages import Link, Section, Table, render_sections
+from headstart.insight.report import FIGURES, read_history
 from headstart.models.backbones import DEFAULT_BACKBONE
 from headstart.models.classifier import read_model_info
+
+if TYPE_CHECKING:
+    from headstart.training.run import TrainResult
 
 # Trained strategies need pretrained weights; scratch is the control and must never load them.
 PRETRAINED = ("extract", "finetune")
@@ -179,40 +183,37 @@ def write_outputs(out: Path, runs: list[RunRow], table: list[StrategyRow], meta:
         writer.writerows(list(asdict(r).values()) for r in runs)
     chart = plot_comparison(table, out / FIGURES / "comparison.png")
     n_val = int(meta["n_val"])
-    links = "".join(
-        f"<tr><td>{esc(r.strategy)}</td><td>{r.seed}</td><td>{r.accuracy:.4f}</td><td>{r.balanced_accuracy:.4f}</td>"
-        f"<td>{r.seconds:.1f}</td><td>{_report_link(out, Path(r.run_dir))}</td></tr>"
+    run_rows = [
+        (r.strategy, r.seed, f"{r.accuracy:.4f}", f"{r.balanced_accuracy:.4f}", f"{r.seconds:.1f}",
+         _report_link(out, Path(r.run_dir)))
         for r in runs
-    )
-    runs_table = (
-        "<table id='runs'><thead><tr><th>strategy</th><th>seed</th><th>accuracy</th><th>balanced accuracy</th>"
-        f"<th>wall time (s)</th><th>report</th></tr></thead><tbody>{links}</tbody></table>"
-    )
+    ]  # fmt: skip
     sections = [
         Section(
             "Results",
-            body=html_table(TABLE_HEADER, table_rows(table), "comparison")
-            + (
-                f"<p class='muted'>{n_val} validation images: one image moves accuracy by "
-                f"{100 / max(1, n_val):.2f} points. Std is the sample standard deviation over seeds.</p>"
-            ),
+            table=Table(TABLE_HEADER, table_rows(table), "comparison"),
+            text=f"{n_val} validation images: one image moves accuracy by {100 / max(1, n_val):.2f} points. "
+            "Std is the sample standard deviation over seeds.",
         ),
         Section("Accuracy by strategy", image=chart, alt="bar chart of accuracy and balanced accuracy per strategy"),
-        Section("Runs", body=runs_table),
+        Section("Runs", table=Table(RUNS_HEADER, run_rows, "runs")),
     ]
     title = f"headstart compare: {meta['backbone']} on {Path(str(meta['data'])).name}"
     subtitle = f"data {meta['data']} | split seed {meta['split_seed']} | {meta['started']}"
     report = out / "report.html"
-    report.write_text(render_page(title, subtitle, sections), encoding="utf-8")
+    report.write_text(render_sections(title, subtitle, sections, FIGURES), encoding="utf-8")
     return report
 
 
-def _report_link(out: Path, run_dir: Path) -> str:
+RUNS_HEADER = ("strategy", "seed", "accuracy", "balanced accuracy", "wall time (s)", "report")
+
+
+def _report_link(out: Path, run_dir: Path) -> Link | str:
     target = run_dir / "report.html"
     if not target.is_file():
         return "(no report)"
     rel = target.relative_to(out).as_posix() if target.is_relative_to(out) else target.resolve().as_uri()
-    return f'<a href="{esc(rel)}">{esc(run_dir.name)}</a>'
+    return Link(rel, run_dir.name)
 
 
 def compare(
@@ -247,18 +248,7 @@ def compare(
     Returns:
         The runs, the per-strategy table and the report path.
     """
-    from headstart.insight.report import build_report
-    from headstart.training.run import train
-
-    strategies = tuple(strategies)
-    unknown = [s for s in strategies if s not in STRATEGIES]
-    if unknown or not strategies:
-        raise ValueError(f"unknown strategies {unknown}; choose from {', '.join(STRATEGIES)}")
-    if seeds < 1:
-        raise ValueError(f"seeds must be at least 1, got {seeds}")
-    for key in ("strategy", "seed", "out", "split_seed"):
-        if key in train_overrides:
-            raise TypeError(f"compare sets {key!r} itself for every run; remove it from the options")
+    strategies = _check_options(strategies, seeds, train_overrides)
     root = Path(out) if out else Path("runs") / f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
     # Under torchrun every rank trains its share of each run; rank 0 alone keeps the books and writes.
     is_main = launch_rank() == 0
@@ -275,41 +265,15 @@ def compare(
         for seed in range(seeds):
             run_dir = root / f"{strategy}-seed{seed}"
             progress.log(f"[bold]compare: {strategy}, seed {seed} -> {run_dir}")
-            private = None if cache_dir else tempfile.mkdtemp(prefix="headstart-compare-cache-")
-            try:
-                result = train(
-                    data,
-                    strategy=strategy,
-                    backbone=backbone,
-                    weights=weights if strategy in PRETRAINED else None,
-                    epochs=(epochs or {}).get(strategy),
-                    seed=seed,
-                    split_seed=split_seed,
-                    out=str(run_dir),
-                    cache_dir=str(cache_dir or private),
-                    **train_overrides,
-                )
-            finally:
-                if private:
-                    shutil.rmtree(private, ignore_errors=True)
+            result = _train_one(
+                data, run_dir, strategy, seed, cache_dir, backbone=backbone,
+                weights=weights if strategy in PRETRAINED else None, epochs=(epochs or {}).get(strategy),
+                split_seed=split_seed, **train_overrides,
+            )  # fmt: skip
             if not is_main:
                 continue
-            if not (run_dir / "report.html").is_file():  # train() may already have written it
-                build_report(run_dir)
-            info = read_model_info(run_dir)
             n_val = int(result.metrics.get("n", n_val))
-            runs.append(
-                RunRow(
-                    strategy=strategy,
-                    seed=seed,
-                    run_dir=str(run_dir),
-                    accuracy=float(result.metrics["accuracy"]),
-                    balanced_accuracy=float(result.metrics["balanced_accuracy"]),
-                    seconds=round(result.seconds, 2),
-                    trainable_params=trainable_parameters(run_dir),
-                    images_per_s=round(images_per_second(read_history(run_dir), info, result.seconds), 2),
-                )
-            )
+            runs.append(_run_row(strategy, seed, run_dir, result))
     table = summarise(runs, strategies)
     if not is_main:
         return CompareResult(root, runs, table, root / "report.html", n_val)
@@ -324,6 +288,57 @@ def compare(
     }
     report = write_outputs(root, runs, table, meta)
     return CompareResult(root, runs, table, report, n_val)
+
+
+def _check_options(
+    strategies: tuple[str, ...] | list[str], seeds: int, train_overrides: dict[str, Any]
+) -> tuple[str, ...]:
+    """The strategies as a tuple, once the options of :func:`compare` are known to make sense."""
+    strategies = tuple(strategies)
+    unknown = [s for s in strategies if s not in STRATEGIES]
+    if unknown or not strategies:
+        raise ValueError(f"unknown strategies {unknown}; choose from {', '.join(STRATEGIES)}")
+    if seeds < 1:
+        raise ValueError(f"seeds must be at least 1, got {seeds}")
+    for key in ("strategy", "seed", "out", "split_seed"):
+        if key in train_overrides:
+            raise TypeError(f"compare sets {key!r} itself for every run; remove it from the options")
+    return strategies
+
+
+def _train_one(
+    data: str | Path, run_dir: Path, strategy: str, seed: int, cache_dir: str | Path | None, **options: Any
+) -> TrainResult:
+    """One ``train`` run of the comparison; without a shared ``cache_dir`` it gets a fresh cache, deleted after."""
+    from headstart.training.run import train
+
+    private = None if cache_dir else tempfile.mkdtemp(prefix="headstart-compare-cache-")
+    try:
+        return train(
+            data, strategy=strategy, seed=seed, out=str(run_dir), cache_dir=str(cache_dir or private), **options
+        )
+    finally:
+        if private:
+            shutil.rmtree(private, ignore_errors=True)
+
+
+def _run_row(strategy: str, seed: int, run_dir: Path, result: TrainResult) -> RunRow:
+    """The comparison's row for a finished run, after writing its report if ``train`` did not."""
+    from headstart.insight.report import build_report
+
+    if not (run_dir / "report.html").is_file():  # train() may already have written it
+        build_report(run_dir)
+    info = read_model_info(run_dir)
+    return RunRow(
+        strategy=strategy,
+        seed=seed,
+        run_dir=str(run_dir),
+        accuracy=float(result.metrics["accuracy"]),
+        balanced_accuracy=float(result.metrics["balanced_accuracy"]),
+        seconds=round(result.seconds, 2),
+        trainable_params=trainable_parameters(run_dir),
+        images_per_s=round(images_per_second(read_history(run_dir), info, result.seconds), 2),
+    )
 
 
 # The demo's epochs: scratch gets three times finetune's, so the control is not starved, and three seeds of all
