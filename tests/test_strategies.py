@@ -178,3 +178,21 @@ def test_warmup_cosine_shape() -> None:
     assert values[total - 1] < 1e-3 and values[total] == pytest.approx(0.0, abs=1e-12)
     assert warmup_cosine(total + 50, total, warmup) == pytest.approx(0.0, abs=1e-12)  # stays at 0 past the end
     assert warmup_cosine(0, total, 0) == 1.0  # no warm-up: starts at the peak
+
+
+def test_freeze_with_train_bn_leaves_batchnorm_training() -> None:
+    from headstart.models.freezing import batch_norms, freeze
+
+    model = _tiny()
+    freeze(model.backbone, train_bn=True)  # Lightning's default: everything but BatchNorm stops training
+    model.train()
+    bns = batch_norms(model.backbone)
+    others = [m for m in model.backbone.modules() if m not in bns]
+    assert bns and all(m.training for m in bns) and all(p.requires_grad for m in bns for p in m.parameters())
+    assert not any(m.training for m in others) and model.head.training
+    assert all(not p.requires_grad for m in others for p in m.parameters(recurse=False))
+    before = _bn_state(model.backbone)
+    model(_batch())
+    after = _bn_state(model.backbone)
+    moved = [k for k in before if k.endswith("running_mean") and not torch.equal(before[k], after[k])]
+    assert len(moved) == len(bns)

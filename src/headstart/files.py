@@ -1,10 +1,13 @@
-"""Files: atomic writes, safetensors files, the library versions recorded with every saved file, the cache root."""
+"""Files: atomic writes, safetensors files, the library versions recorded with every saved file, the cache root, new
+run folders."""
 
 from __future__ import annotations
 
 import os
 import platform
+import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -25,6 +28,30 @@ def installed_version(package: str, missing: str = "not installed") -> str:
         return version(package)
     except PackageNotFoundError:
         return missing
+
+
+def new_run_dir(out: str | os.PathLike[str] | None, name: str, overwrite: bool, create: bool = True) -> Path:
+    """The folder a new run writes into: ``out``, else ``runs/<name>-<date>-<time>``.
+
+    Args:
+        out: the folder asked for, if any.
+        name: start of the default folder's name, e.g. ``finetune-resnet50``; ``/`` and ``:`` become ``_``.
+        overwrite: empty a folder that already holds files instead of refusing it.
+        create: check, empty and make the folder. Under a multi-process launch only the first process does; the
+            others just need the path.
+    """
+    if out:
+        path = Path(out)
+    else:
+        safe = name.replace("/", "_").replace(":", "_")
+        path = Path("runs") / f"{safe}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if create:
+        if path.exists() and any(path.iterdir()):
+            if not overwrite:
+                raise FileExistsError(f"run folder {path} already exists; pass --overwrite or choose another --out")
+            shutil.rmtree(path)
+        path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def versions() -> dict[str, str]:

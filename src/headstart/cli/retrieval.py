@@ -17,7 +17,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("autoencoder", help="train an autoencoder on unlabelled images, or score images by it")
     actions = p.add_subparsers(dest="action", required=True)
     a = actions.add_parser("train", help="train a (conv or pretrained-encoder) autoencoder; labels are ignored")
-    a.add_argument("data", help="folder of images (class sub-folders are fine)")
+    a.add_argument("data", nargs="?", help="folder of images (class sub-folders are fine)")
+    a.add_argument("--resume", metavar="RUN", help="continue an interrupted run from its last checkpoint")
     a.add_argument("--encoder", help="conv (default, trained from scratch) or a backbone name (pretrained encoder)")
     a.add_argument("--encoder-weights", help="weights file for a backbone encoder")
     a.add_argument("--finetune-encoder", action="store_true", default=None, help="also train a backbone encoder")
@@ -87,14 +88,23 @@ def _autoencoder(args: argparse.Namespace) -> int:
 
 
 def _ae_train(args: argparse.Namespace) -> int:
-    from headstart.training.autoencoder import train_autoencoder
+    from headstart.hardware import launch_rank
+    from headstart.training.autoencoder import resume_autoencoder, train_autoencoder
 
-    result = train_autoencoder(
-        args.data, encoder=args.encoder, encoder_weights=args.encoder_weights, finetune_encoder=args.finetune_encoder,
-        latent_dim=args.latent_dim, image_size=args.image_size, width=args.width, epochs=args.epochs, lr=args.lr,
-        loss=args.loss, augment=args.augment, batch_size=args.batch_size, val_fraction=args.val_fraction,
-        precision=args.precision, seed=args.seed, cache_dir=args.cache_dir, out=args.out, overwrite=args.overwrite,
-    )  # fmt: skip
+    if args.resume:
+        result = resume_autoencoder(args.resume)
+    elif not args.data:
+        raise ValueError("give a folder of images (or --resume RUN)")
+    else:
+        result = train_autoencoder(
+            args.data, encoder=args.encoder, encoder_weights=args.encoder_weights,
+            finetune_encoder=args.finetune_encoder, latent_dim=args.latent_dim, image_size=args.image_size,
+            width=args.width, epochs=args.epochs, lr=args.lr, loss=args.loss, augment=args.augment,
+            batch_size=args.batch_size, val_fraction=args.val_fraction, precision=args.precision, seed=args.seed,
+            cache_dir=args.cache_dir, out=args.out, overwrite=args.overwrite,
+        )  # fmt: skip
+    if launch_rank() != 0:
+        return 0  # under torchrun, rank 0 reports
     last = result.history[-1]
     print(f"autoencoder ({result.config.encoder}, latent {result.config.latent_dim}): best val reconstruction error "
           f"{result.val_loss:.4f}, last train loss {last['train_loss']:.4f}, {result.seconds:.1f} s; "

@@ -6,12 +6,13 @@ Two kinds:
 * ``encoder=<backbone name>``: a pretrained backbone's pooled features, projected linearly to the latent vector,
   with a learnt decoder. The backbone stays frozen by default (its features then come from the feature cache, so an
   epoch costs only the decoder); ``finetune_encoder`` trains it too at a tenth of the learning rate, BatchNorm
-  statistics kept frozen.
+  layers kept frozen (statistics and affine parameters, as the classifiers' ``bn_policy=frozen``).
 
 The decoder rebuilds a ``image_size`` square picture in the normalised space of the encoder's preprocessing; the
 reconstruction error of an image (mean squared error per pixel and channel) is its anomaly score. A run folder holds
 ``config.yaml``, ``model.safetensors`` + ``model.json`` (kind ``autoencoder``), ``metrics.jsonl``,
-``reconstructions_epoch{N}.png`` (and the latest as ``reconstructions.png``) and ``checkpoints/last.pt``.
+``reconstructions_epoch{N}.png`` (and the latest as ``reconstructions.png``) and ``checkpoints/last.pt`` (written
+atomically by the shared trainer; ``headstart autoencoder train --resume RUN`` continues from it).
 
 ``create_backbone("ae:RUN")`` returns the encoder as a :class:`~headstart.models.backbones.Backbone` whose features are
 the latent vector, so embedding, extract training, indexing and search accept a trained autoencoder.
@@ -33,6 +34,7 @@ from torch import nn
 from headstart import config as cfg
 from headstart.data.transforms import Preprocessing
 from headstart.models.backbones import Backbone, create_backbone, register_prefix
+from headstart.models.freezing import keep_frozen_in_eval
 
 FORMAT_VERSION = 1
 LOSSES = ("mse", "l1")
@@ -63,6 +65,7 @@ class AutoencoderConfig:
     cache_dir: str | None = None  # feature cache root used by a frozen backbone encoder
     out: str | None = None  # run folder; None makes runs/autoencoder-<encoder>-<timestamp>
     overwrite: bool = False  # refuse to replace an existing run folder unless asked
+    checkpoint_every: int = 0  # also checkpoint every N optimiser steps (0: once per epoch), to resume mid-epoch
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
@@ -160,8 +163,9 @@ class ConvDecoder(nn.Module):
 class Autoencoder(nn.Module):
     """Encoder + decoder. ``embed(x)`` gives the latent vector, ``forward(x)`` the reconstruction.
 
-    With ``frozen_encoder`` the backbone of a :class:`BackboneEncoder` stays in eval mode under ``.train()`` and has
-    no gradients; with ``frozen_bn`` only its BatchNorm layers stay in eval mode (fine-tuning with fixed statistics).
+    Parts frozen by :func:`~headstart.models.freezing.freeze` stay in eval mode under ``.train()`` and get no
+    gradients. ``frozen_encoder`` records that the backbone of a :class:`BackboneEncoder` is, ``frozen_bn`` that its
+    BatchNorm layers alone are (fine-tuning with fixed statistics).
     """
 
     def __init__(self, encoder: nn.Module, decoder: ConvDecoder, image_size: int):
@@ -175,13 +179,7 @@ class Autoencoder(nn.Module):
     def train(self, mode: bool = True) -> Autoencoder:
         """Switch modes, keeping frozen backbone parts in eval mode."""
         super().train(mode)
-        if isinstance(self.encoder, BackboneEncoder):
-            if self.frozen_encoder:
-                self.encoder.backbone.eval()
-            elif self.frozen_bn:
-                for module in self.encoder.backbone.modules():
-                    if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                        module.eval()
+        keep_frozen_in_eval(self)
         return self
 
     def target(self, x: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,7 @@ from torch import nn
 from headstart.data.transforms import Preprocessing
 from headstart.files import atomic_write_bytes, save_tensors, versions
 from headstart.models.backbones import Backbone, create_backbone, register_prefix
+from headstart.models.freezing import freeze, keep_frozen_in_eval
 
 if TYPE_CHECKING:
     from headstart.models.prepared import PreparedBackbone
@@ -53,9 +54,9 @@ class KNNHead(nn.Module):
 class Classifier(nn.Module):
     """A backbone with a new head. ``embed(x)`` gives the backbone's features, ``forward(x)`` the class logits.
 
-    When ``frozen_backbone`` is set the backbone stays in eval mode even under ``.train()``, so BatchNorm running
-    statistics never move (the feature-extraction contract), and its parameters have ``requires_grad=False``.
-    ``frozen_bn`` does the same for the backbone's BatchNorm layers alone.
+    Parts frozen by :func:`~headstart.models.freezing.freeze` stay in eval mode even under ``.train()``, so their
+    BatchNorm running statistics never move, and get no gradients. ``frozen_backbone`` records that the whole backbone
+    is (the feature-extraction contract), ``frozen_bn`` that its BatchNorm layers alone are.
     """
 
     def __init__(self, backbone: Backbone, num_classes: int, drop_rate: float = 0.0, head: nn.Module | None = None):
@@ -70,18 +71,12 @@ class Classifier(nn.Module):
     def freeze_backbone(self) -> None:
         """Freeze every backbone parameter and BatchNorm statistic."""
         self.frozen_backbone = True
-        self.backbone.requires_grad_(False)
-        self.backbone.eval()
+        freeze(self.backbone, train_bn=False)
 
     def train(self, mode: bool = True) -> Classifier:
-        """Switch modes, keeping a frozen backbone in eval mode."""
+        """Switch modes, keeping frozen parts in eval mode."""
         super().train(mode)
-        if self.frozen_backbone:
-            self.backbone.eval()
-        elif self.frozen_bn:
-            for module in self.backbone.modules():
-                if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                    module.eval()
+        keep_frozen_in_eval(self)
         return self
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:

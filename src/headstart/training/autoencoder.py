@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import shutil
 import time
 from collections.abc import Sequence
@@ -16,8 +15,8 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch.utils.data import DataLoader, TensorDataset
+from torch import nn
+from torch.utils.data import DataLoader
 
 from headstart import config as cfg
 from headstart import progress
@@ -26,17 +25,21 @@ from headstart.data.transforms import MemoryDataset, Preprocessing, decode_all, 
 from headstart.errors import DataError
 from headstart.features.embeddings import embed
 from headstart.features.inference import run_model
-from headstart.files import atomic_write_bytes, default_cache_root, save_tensors, versions
+from headstart.files import atomic_write_bytes, default_cache_root, new_run_dir, save_tensors, versions
 from headstart.hardware import autocast, pick_device, resolve_precision
 from headstart.models.autoencoder import (
     FORMAT_VERSION,
     Autoencoder,
     AutoencoderConfig,
     BackboneEncoder,
+    ConvEncoder,
     _ErrorPerImage,
     build_autoencoder,
     load_autoencoder,
 )
+from headstart.models.freezing import batch_norms, freeze, keep_frozen_in_eval
+from headstart.training.objectives import Reconstruction
+from headstart.training.trainer import EpochSampler, LoopSettings, Trainer, make_accelerator
 
 
 def _images(data: str | Path, val_fraction: float, seed: int) -> tuple[list[ImageRecord], list[ImageRecord], int]:
@@ -50,20 +53,6 @@ def _images(data: str | Path, val_fraction: float, seed: int) -> tuple[list[Imag
     order = np.random.default_rng(seed).permutation(len(records))
     n_val = min(len(records) - 1, max(1, round(len(records) * val_fraction)))
     return [records[i] for i in order[n_val:]], [records[i] for i in order[:n_val]], len(skipped)
-
-
-def _run_dir(config: AutoencoderConfig) -> Path:
-    if config.out:
-        path = Path(config.out)
-    else:
-        safe = config.encoder.replace("/", "_").replace(":", "_")
-        path = Path("runs") / f"autoencoder-{safe}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if path.exists() and any(path.iterdir()):
-        if not config.overwrite:
-            raise FileExistsError(f"run folder {path} already exists; pass --overwrite or choose another --out")
-        shutil.rmtree(path)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def _denormalize(x: torch.Tensor, prep: Preprocessing) -> torch.Tensor:
@@ -93,16 +82,75 @@ class AutoencoderResult:
 
 
 def train_autoencoder(
-    data: str | Path | None = None, *, config: AutoencoderConfig | None = None, **overrides: Any
-) -> AutoencoderResult:
+    data: str | Path | None = None, *, config: AutoencoderConfig | None = None, _resume: bool = False,
+    **overrides: Any,
+) -> AutoencoderResult:  # fmt: skip
     """Train an autoencoder on a folder of images and write a run folder.
+
+    Under ``torchrun`` every process trains on its share of each batch (DDP); the first one writes the run folder.
 
     Args:
         data: folder of images (labels, if any, are ignored).
         config: a full configuration; keyword overrides apply on top.
+        _resume: continue from the run folder's last checkpoint (use :func:`resume_autoencoder`).
         **overrides: fields of :class:`AutoencoderConfig`, e.g. ``latent_dim=64``, ``encoder="efficientnet_lite0"``.
     """
     tic = time.perf_counter()
+    config = _build_config(data, config, overrides)
+    accelerator = make_accelerator()
+    is_main, device = accelerator.is_main_process, accelerator.device
+    precision = resolve_precision(config.precision, device)
+    torch.manual_seed(config.seed)
+    train_records, val_records, n_skipped = _images(config.data, config.val_fraction, config.seed)
+    model, prep, source = build_autoencoder(config)
+    name = f"autoencoder-{config.encoder}"  # of the default run folder
+    run_dir = Path(str(config.out)) if _resume else new_run_dir(config.out, name, config.overwrite, is_main)
+    if is_main and not _resume:
+        cfg.save_yaml(config, run_dir / "config.yaml")
+    if is_main:
+        progress.log(f"data: {len(train_records)} train, {len(val_records)} val images ({n_skipped} skipped)")
+    frozen = _freeze_encoder(model, config)
+    model.to(device)
+    train_loader, val_loader, sample = _loaders(model, prep, train_records, val_records, config, frozen, precision)
+    info = _model_info(config, prep, source, precision, len(train_records), len(val_records))
+    writer = _RunWriter(run_dir, model, prep, info, sample, precision)
+    trained = _Reconstruct(model)
+    if accelerator.num_processes > 1 and device.type == "cuda":
+        # As for classifiers: synchronised statistics behave like the single-process batch. Only the parts that
+        # train: a frozen backbone's BatchNorm layers stay as they are. (SyncBatchNorm runs on GPUs only.)
+        model.decoder = trained.decoder = nn.SyncBatchNorm.convert_sync_batchnorm(model.decoder)
+        if isinstance(model.encoder, ConvEncoder):
+            model.encoder = trained.encoder = nn.SyncBatchNorm.convert_sync_batchnorm(model.encoder)
+    settings = LoopSettings(epochs=config.epochs, warmup_epochs=0.0, metric="val_loss", early_stopping=0,
+                            precision=precision, channels_last=False, checkpoint_every=config.checkpoint_every,
+                            maximize=False)  # fmt: skip
+    trainer = Trainer(trained, _param_groups(model, config, frozen), train_loader, val_loader, settings,
+                      Reconstruction(model, prep, config.loss), on_best=writer.best, run_dir=run_dir,
+                      accelerator=accelerator, on_epoch=writer.epoch)  # fmt: skip
+    fit = trainer.fit(resume=_resume)
+    if is_main:  # the best epoch's model.json, perhaps written before a resume, gains the run's time
+        written = run_dir / "model.json"  # absent only when no epoch had a finite val loss
+        info = json.loads(written.read_text()) if written.is_file() else info
+        info["train_seconds"] = round(time.perf_counter() - tic, 2)
+        atomic_write_bytes(run_dir / "model.json", json.dumps(info, indent=2).encode())
+    return AutoencoderResult(run_dir, fit.best_metric, time.perf_counter() - tic, fit.history, config)
+
+
+def resume_autoencoder(run: str | Path) -> AutoencoderResult:
+    """Continue a killed or interrupted autoencoder run from ``RUN/checkpoints/last.pt`` with its ``config.yaml``."""
+    run = Path(run)
+    if not (run / "config.yaml").is_file():
+        raise FileNotFoundError(
+            f"{run / 'config.yaml'} not found; is {run} a run folder made by `headstart autoencoder train`?"
+        )
+    config = cfg.load_yaml(AutoencoderConfig, run / "config.yaml")
+    return train_autoencoder(config=dataclasses.replace(config, out=str(run)), _resume=True)
+
+
+def _build_config(
+    data: str | Path | None, config: AutoencoderConfig | None, overrides: dict[str, Any]
+) -> AutoencoderConfig:
+    """``config`` (default: ``AutoencoderConfig()``) with the data folder and keyword overrides applied."""
     config = config or AutoencoderConfig()
     changes = {k: v for k, v in overrides.items() if v is not None}
     unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(AutoencoderConfig)})
@@ -113,55 +161,72 @@ def train_autoencoder(
     config = dataclasses.replace(config, **changes)
     if not config.data:
         raise ValueError("no data given: pass a folder of images")
-    torch.manual_seed(config.seed)
-    device = pick_device()
-    precision = resolve_precision(config.precision, device)
-    train_records, val_records, n_skipped = _images(config.data, config.val_fraction, config.seed)
-    model, prep, source = build_autoencoder(config)
-    run_dir = _run_dir(config)
-    cfg.save_yaml(config, run_dir / "config.yaml")
-    progress.log(f"data: {len(train_records)} train, {len(val_records)} val images ({n_skipped} skipped)")
+    return config
 
-    frozen = config.encoder != "conv" and not config.finetune_encoder
-    if isinstance(model.encoder, BackboneEncoder):
-        if frozen:
-            model.frozen_encoder = True
-            model.encoder.backbone.requires_grad_(False)
-        else:
-            model.frozen_bn = True
-    model.to(device)
 
+def _freeze_encoder(model: Autoencoder, config: AutoencoderConfig) -> bool:
+    """Freeze a backbone encoder as the config asks: all of it (returns True), or its BatchNorm layers alone when it
+    is fine-tuned. A conv encoder trains from scratch, BatchNorm included."""
+    if not isinstance(model.encoder, BackboneEncoder):
+        return False
+    backbone = model.encoder.backbone
+    if config.finetune_encoder:
+        model.frozen_bn = True
+        freeze(batch_norms(backbone), train_bn=False)
+        return False
+    model.frozen_encoder = True
+    freeze(backbone, train_bn=False)
+    return True
+
+
+def _loaders(
+    model: Autoencoder, prep: Preprocessing, train_records: list[ImageRecord], val_records: list[ImageRecord],
+    config: AutoencoderConfig, frozen: bool, precision: str,
+) -> tuple[DataLoader[Any], DataLoader[Any], torch.Tensor]:  # fmt: skip
+    """Training and validation loaders, and the first eight validation images (for the per-epoch picture)."""
     # Validation inputs are centre crops, decoded once; the fixed first eight make the per-epoch picture comparable.
-    val_images = torch.stack(decode_all(val_records, prep, crop=True))
+    val_crops = decode_all(val_records, prep, crop=True)
     if frozen:
         # The frozen backbone sees each image once (through the feature cache); epochs then train projection+decoder.
-        cache = default_cache_root(config.cache_dir)
         assert isinstance(model.encoder, BackboneEncoder)
         feats = embed(model.encoder.backbone, train_records, batch_size=config.batch_size, precision=precision,
-                      device=device, cache_root=cache, workers=0 if len(train_records) < 256 else -1)  # fmt: skip
+                      device=next(model.parameters()).device, cache_root=default_cache_root(config.cache_dir),
+                      workers=0 if len(train_records) < 256 else -1)  # fmt: skip
         if feats.failed:
             raise DataError(f"cannot decode {feats.failed[0][0]}: {feats.failed[0][1]}")
         crops = torch.stack(decode_all(train_records, prep, crop=True))
         targets = model.target(normalize(crops, prep))
-        train_set: torch.utils.data.Dataset[Any] = TensorDataset(torch.from_numpy(feats.features), targets)
+        train_set: _Cached | MemoryDataset = _Cached(torch.from_numpy(feats.features), targets)
     else:
         train_set = MemoryDataset(decode_all(train_records, prep), [-1] * len(train_records),
-                                  train_augment(prep, config.augment))  # fmt: skip
-    generator = torch.Generator().manual_seed(config.seed)
-    # A last batch of one would break BatchNorm, so incomplete batches are dropped when there is a full one.
-    loader = DataLoader(train_set, batch_size=config.batch_size, shuffle=True, generator=generator,
-                        drop_last=len(train_records) > config.batch_size)  # fmt: skip
+                                  train_augment(prep, config.augment), seed=config.seed)  # fmt: skip
+    train_loader = DataLoader(
+        train_set,
+        batch_size=config.batch_size,
+        sampler=EpochSampler(len(train_set), config.seed),  # order depends on (seed, epoch) only: resumable
+        drop_last=len(train_records) > config.batch_size,  # a last batch of one would break BatchNorm
+        # Iterators draw worker seeds from this generator rather than the global RNG: a resumed run creates an extra
+        # iterator, and must not shift the global random stream by doing so.
+        generator=torch.Generator().manual_seed(config.seed),
+    )
+    val_set = MemoryDataset(val_crops, [-1] * len(val_crops), None)
+    return train_loader, DataLoader(val_set, batch_size=config.batch_size), torch.stack(val_crops[:8])
 
-    groups: list[dict[str, Any]] = [
-        {"params": [p for n, p in model.named_parameters() if not n.startswith("encoder.backbone.")], "lr": config.lr}
-    ]
+
+def _param_groups(model: Autoencoder, config: AutoencoderConfig, frozen: bool) -> list[dict[str, Any]]:
+    """The decoder and projection at ``lr``; a fine-tuned backbone encoder at a tenth of it."""
+    rest = [p for n, p in model.named_parameters() if not n.startswith("encoder.backbone.")]
+    rates = [(rest, config.lr)]
     if isinstance(model.encoder, BackboneEncoder) and not frozen:
-        groups.append({"params": list(model.encoder.backbone.parameters()), "lr": config.lr * 0.1})
-    optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, config.epochs * len(loader)))
-    loss_fn = F.mse_loss if config.loss == "mse" else F.l1_loss
+        rates.append(([p for p in model.encoder.backbone.parameters() if p.requires_grad], config.lr * 0.1))
+    return [{"params": params, "lr": lr, "base_lr": lr, "weight_decay": config.weight_decay} for params, lr in rates]
 
-    info = {
+
+def _model_info(
+    config: AutoencoderConfig, prep: Preprocessing, source: str, precision: str, n_train: int, n_val: int
+) -> dict[str, Any]:
+    """The run's ``model.json``, less the best epoch's figures and the training time."""
+    return {
         "format": FORMAT_VERSION,
         "kind": "autoencoder",
         "encoder": config.encoder,
@@ -173,86 +238,78 @@ def train_autoencoder(
         "preprocessing": prep.to_dict(),
         "precision": precision,
         "data_path": str(Path(config.data).expanduser().resolve()),
-        "train_count": len(train_records),
-        "val_count": len(val_records),
+        "train_count": n_train,
+        "val_count": n_val,
         "config": cfg.to_dict(config),
         "versions": versions(),
     }
-    project = model.encoder.get_submodule("project")  # the trained part of a frozen backbone encoder
-    history: list[dict[str, Any]] = []
-    best = math.inf
-    metrics_path = run_dir / "metrics.jsonl"
-    metrics_path.write_text("")
-    with progress.bar() as bars:
-        task = bars.add_task("autoencoder", total=config.epochs * len(loader), info="")
-        for epoch in range(1, config.epochs + 1):
-            started = time.perf_counter()
-            model.train()
-            total, seen = 0.0, 0
-            for batch in loader:
-                with autocast(device, precision):
-                    if frozen:
-                        features, target = batch[0].to(device), batch[1].to(device)
-                        recon = model.decoder(project(features))
-                    else:
-                        x = normalize(batch[0].to(device), prep)
-                        target = model.target(x)
-                        recon = model(x)
-                loss = loss_fn(recon.float(), target)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-                total += loss.item() * len(target)  # CPU-GPU sync point, once per step, for the running mean
-                seen += len(target)
-                bars.update(task, advance=1, info=f"epoch {epoch} loss {total / seen:.4f}")
-            seconds = time.perf_counter() - started
-            val_loss, recon_sample = _validate(model, val_images, prep, device, precision, config.batch_size)
-            row = {"epoch": epoch, "train_loss": total / max(1, seen), "val_loss": val_loss,
-                   "lr": optimizer.param_groups[0]["lr"], "epoch_seconds": round(seconds, 3),
-                   "train_images_per_s": round(seen / max(seconds, 1e-9), 1)}  # fmt: skip
-            history.append(row)
-            with metrics_path.open("a") as handle:
-                handle.write(json.dumps(row) + "\n")
-            sample = val_images[:8]
-            picture = run_dir / f"reconstructions_epoch{epoch}.png"
-            save_reconstructions(model.target(normalize(sample, prep)), recon_sample, prep, picture)
-            shutil.copyfile(picture, run_dir / "reconstructions.png")
-            if val_loss < best:
-                best = val_loss
-                save_tensors(model.state_dict(), run_dir / "model.safetensors", metadata={"format": "headstart"})
-                info.update(best_epoch=epoch, val_loss=val_loss)
-                atomic_write_bytes(run_dir / "model.json", json.dumps(info, indent=2).encode())
-            checkpoint = {"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                          "scheduler": scheduler.state_dict(), "config": cfg.to_dict(config)}  # fmt: skip
-            (run_dir / "checkpoints").mkdir(exist_ok=True)
-            torch.save(checkpoint, run_dir / "checkpoints" / "last.pt")
-            progress.log(f"epoch {epoch}: train loss {row['train_loss']:.4f}, val loss {val_loss:.4f}")
-    info["train_seconds"] = round(time.perf_counter() - tic, 2)
-    atomic_write_bytes(run_dir / "model.json", json.dumps(info, indent=2).encode())
-    return AutoencoderResult(run_dir, best, time.perf_counter() - tic, history, config)
 
 
-@torch.inference_mode()
-def _validate(
-    model: Autoencoder, images: torch.Tensor, prep: Preprocessing, device: torch.device, precision: str, batch: int
-) -> tuple[float, torch.Tensor]:
-    """Mean squared reconstruction error of centre-cropped validation images, and the first batch's reconstructions.
+class _Reconstruct(nn.Module):
+    """What the trainer trains: an autoencoder's reconstruction of normalised images or, for a frozen backbone
+    encoder, of that backbone's cached features [B, D], which skip the backbone.
 
-    This is the quantity :func:`score` reports per image, so the recorded val loss is the mean anomaly score of
-    held-out images.
+    It holds the autoencoder's encoder and decoder themselves, so its state dict (the checkpoint's ``model``) has the
+    keys of ``model.safetensors``.
     """
-    model.eval()
-    errors: list[torch.Tensor] = []
-    first = torch.empty(0)
-    for start in range(0, len(images), batch):
-        x = normalize(images[start : start + batch].to(device), prep)
-        with autocast(device, precision):
-            recon = model(x)
-        errors.append((recon.float() - model.target(x)).pow(2).mean(dim=(1, 2, 3)).cpu())
-        if start == 0:
-            first = recon[:8].float().cpu()
-    return float(torch.cat(errors).mean()), first
+
+    def __init__(self, model: Autoencoder):
+        super().__init__()
+        self.encoder = model.encoder
+        self.decoder = model.decoder
+
+    def train(self, mode: bool = True) -> _Reconstruct:
+        """Switch modes, keeping frozen backbone parts in eval mode (as :meth:`Autoencoder.train` does)."""
+        super().train(mode)
+        keep_frozen_in_eval(self)
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Reconstructions [B, 3, image_size, image_size]."""
+        latent = self.encoder.get_submodule("project")(x) if x.ndim == 2 else self.encoder(x)
+        return self.decoder(latent)
+
+
+class _Cached(torch.utils.data.Dataset[tuple[torch.Tensor, torch.Tensor]]):
+    """A frozen encoder's cached features with their reconstruction targets. Keys wrap around the length, as
+    :class:`~headstart.training.trainer.EpochSampler` expects."""
+
+    def __init__(self, features: torch.Tensor, targets: torch.Tensor):
+        self.features = features
+        self.targets = targets
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def __getitem__(self, key: int) -> tuple[torch.Tensor, torch.Tensor]:
+        index = key % len(self.features)
+        return self.features[index], self.targets[index]
+
+
+class _RunWriter:
+    """What the main process writes into the run folder as training goes: the best model, a picture per epoch."""
+
+    def __init__(self, run_dir: Path, model: Autoencoder, prep: Preprocessing, info: dict[str, Any],
+                 sample: torch.Tensor, precision: str):  # fmt: skip
+        self.run_dir, self.model, self.prep, self.info = run_dir, model, prep, info
+        self.sample, self.precision = sample, precision
+
+    def best(self, _: nn.Module, metrics: dict[str, Any]) -> None:
+        """Save the model of a better epoch, with its figures in ``model.json``."""
+        save_tensors(self.model.state_dict(), self.run_dir / "model.safetensors", metadata={"format": "headstart"})
+        self.info.update(best_epoch=metrics["epoch"], val_loss=metrics["val_loss"])
+        atomic_write_bytes(self.run_dir / "model.json", json.dumps(self.info, indent=2).encode())
+
+    @torch.inference_mode()
+    def epoch(self, _: nn.Module, row: dict[str, Any]) -> None:
+        """Draw the sample images above their reconstructions: ``reconstructions_epoch{N}.png``, and the latest."""
+        self.model.eval()
+        x = normalize(self.sample.to(next(self.model.parameters()).device), self.prep)
+        with autocast(x.device, self.precision):
+            recon = self.model(x)
+        picture = self.run_dir / f"reconstructions_epoch{row['epoch']}.png"
+        save_reconstructions(self.model.target(x), recon, self.prep, picture)
+        shutil.copyfile(picture, self.run_dir / "reconstructions.png")
 
 
 @dataclasses.dataclass

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,11 +29,10 @@ from headstart.data.transforms import (
     collate_skip,
     decode_all,
     estimated_bytes,
-    normalize,
     train_augment,
 )
 from headstart.features.embeddings import Embeddings, embed
-from headstart.files import atomic_write_bytes, default_cache_root
+from headstart.files import atomic_write_bytes, default_cache_root, new_run_dir
 from headstart.hardware import decode_workers, launch_rank, pick_device, resolve_precision, single_process
 from headstart.insight.audit import quick_audit
 from headstart.insight.metrics import classification_metrics
@@ -49,6 +47,7 @@ from headstart.models.classifier import (
 )
 from headstart.models.heads import fit_knn, fit_logistic, predict_proba
 from headstart.models.prepared import PreparedBackbone, load_backbone
+from headstart.training.objectives import Classification
 from headstart.training.strategies import apply_bn_policy, param_groups, resolve_optim, resolve_preprocessing
 from headstart.training.trainer import EpochSampler, LoopSettings, Trainer, make_accelerator
 
@@ -129,22 +128,6 @@ def _seed_everything(seed: int, deterministic: bool) -> None:
         torch.use_deterministic_algorithms(True, warn_only=True)
 
 
-def _run_dir(config: TrainConfig, is_main: bool) -> Path:
-    if config.run.out:
-        path = Path(config.run.out)
-    else:
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        safe = config.model.backbone.replace("/", "_").replace(":", "_")
-        path = Path("runs") / f"{config.strategy}-{safe}-{stamp}"
-    if is_main:
-        if path.exists() and any(path.iterdir()):
-            if not config.run.overwrite:
-                raise FileExistsError(f"run folder {path} already exists; pass --overwrite or choose another --out")
-            shutil.rmtree(path)
-        path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
 def _summary(metrics: dict[str, Any]) -> dict[str, Any]:
     return {k: metrics[k] for k in SUMMARY_KEYS if k in metrics}
 
@@ -184,7 +167,8 @@ def train(
     device = accelerator.device if accelerator else pick_device()
     precision = resolve_precision(config.run.precision, device)
     _seed_everything(config.run.seed, config.run.deterministic)
-    run_dir = Path(str(config.run.out)) if _resume else _run_dir(config, is_main)
+    name = f"{config.strategy}-{config.model.backbone}"  # of the default run folder
+    run_dir = Path(str(config.run.out)) if _resume else new_run_dir(config.run.out, name, config.run.overwrite, is_main)
     cache_root = default_cache_root(config.run.cache_dir)
     dataset = load_dataset(config.data.path, config.data.val_fraction, config.data.split_seed, cache_root)
     _report_data(dataset, run_dir, is_main)
@@ -394,25 +378,24 @@ def _fit_network(
     settings = LoopSettings(
         epochs=optim.epochs,
         warmup_epochs=optim.warmup_epochs,
-        label_smoothing=optim.label_smoothing,
         metric=config.run.metric,
         early_stopping=config.run.early_stopping,
         precision=precision,
         channels_last=config.run.channels_last,
         checkpoint_every=config.run.checkpoint_every,
-        class_weights=_class_weights(dataset, config.run.class_weights),
         compile=config.run.compile,
     )
     if config.run.channels_last:
         model.to(memory_format=torch.channels_last)
+    objective = Classification(dataset.classes, prep, optim.label_smoothing,
+                               _class_weights(dataset, config.run.class_weights), accelerator.device)  # fmt: skip
     trainer = Trainer(
         model,
         param_groups(model, config.strategy, optim),
         train_loader,
         val_loader,
         settings,
-        batch_transform=lambda images: normalize(images, prep),
-        evaluate=lambda labels, probs: classification_metrics(labels, probs, dataset.classes),
+        objective,
         on_best=on_best,
         run_dir=run_dir,
         accelerator=accelerator,

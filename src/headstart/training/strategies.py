@@ -20,11 +20,11 @@ import dataclasses
 import math
 
 import torch
-from torch import nn
 
 from headstart.config import OptimConfig
 from headstart.data.transforms import Preprocessing
 from headstart.models.classifier import Classifier
+from headstart.models.freezing import batch_norms, freeze
 
 # Defaults chosen to work without tuning on small sets (hundreds to thousands of images) at 224 px.
 DEFAULTS: dict[str, OptimConfig] = {
@@ -74,9 +74,7 @@ def apply_bn_policy(model: Classifier, policy: str) -> None:
     """``frozen``: BN layers of the backbone stay in eval mode and their affine parameters stop training."""
     model.frozen_bn = policy == "frozen"
     if model.frozen_bn:
-        for module in model.backbone.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                module.requires_grad_(False)
+        freeze(batch_norms(model.backbone), train_bn=False)
     model.train(model.training)
 
 

@@ -1,7 +1,9 @@
 """The training loop, written once through HF Accelerate: one process, several GPUs or several machines.
 
-The trainer knows losses, optimisers, schedules, loaders and checkpoints; it never looks inside the model. A run's
-strategy decides what trains by handing over parameter groups (see :mod:`headstart.training.strategies`).
+The trainer knows optimisers, schedules, loaders, processes and checkpoints; it never looks inside the model, and an
+:class:`Objective` says what a batch's loss is and how the model is judged (see :mod:`headstart.training.objectives`:
+classification, reconstruction). A run's strategy decides what trains by handing over parameter groups (see
+:mod:`headstart.training.strategies`).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -28,23 +30,55 @@ from headstart.files import atomic_write_bytes
 from headstart.hardware import autocast, leave_group_at_exit, tune_allocator
 from headstart.training.strategies import warmup_cosine
 
-Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+Batch = tuple[torch.Tensor, ...]
+# The prepared model applied to a network input, in the run's precision and memory format.
+Forward = Callable[[torch.Tensor], torch.Tensor]
+
+
+class StepResult(NamedTuple):
+    """What an objective returns for one training batch."""
+
+    loss: torch.Tensor  # the batch's mean loss: backpropagated, and averaged over the epoch as ``train_loss``
+    size: int  # images in the batch, the weight of its loss in the epoch's mean
+    sums: tuple[torch.Tensor, ...] = ()  # one total per name in ``Objective.running``, e.g. correct predictions
+
+
+class Objective(Protocol):
+    """The task half of training: what a batch's loss is and how the model is judged. The trainer does the rest."""
+
+    running: tuple[str, ...]  # metrics.jsonl keys of the per-image epoch means of ``StepResult.sums``
+    unlogged: tuple[str, ...]  # keys of ``evaluate``'s result kept out of metrics.jsonl (bulky; on_best gets them)
+
+    def step(self, forward: Forward, batch: Batch) -> StepResult:
+        """The loss of one training batch (on its device, as the loader yields it)."""
+        ...
+
+    def outputs(self, forward: Forward, batch: Batch) -> tuple[torch.Tensor, ...]:
+        """Per-image tensors of one validation batch, gathered across processes for :meth:`evaluate`."""
+        ...
+
+    def evaluate(self, outputs: tuple[torch.Tensor, ...]) -> dict[str, Any]:
+        """Validation metrics (including ``LoopSettings.metric``) from every batch's outputs, concatenated on CPU."""
+        ...
+
+    def describe(self, epoch: int, row: dict[str, Any]) -> str:
+        """The log line of a finished epoch; ``row`` holds the training means and the validation metrics."""
+        ...
 
 
 @dataclass(frozen=True)
 class LoopSettings:
-    """What the loop needs beyond the model, optimiser groups and loaders."""
+    """What the loop needs beyond the model, objective, optimiser groups and loaders."""
 
     epochs: int  # passes over the training loader
     warmup_epochs: float  # linear warm-up length before cosine decay
-    label_smoothing: float  # cross-entropy target smoothing
     metric: str  # key of the validation metrics that selects the best epoch
     early_stopping: int  # epochs without improvement before stopping; 0 disables
     precision: str  # "bf16" or "fp32" (already resolved)
     channels_last: bool  # NHWC inputs
     checkpoint_every: int = 0  # optimiser steps between mid-epoch checkpoints; 0: end of epoch only
-    class_weights: tuple[float, ...] | None = None  # loss weight per class, None for uniform
     compile: bool = False  # torch.compile the prepared (possibly DDP-wrapped) model; checkpoints stay plain
+    maximize: bool = True  # a larger metric is better (accuracy); False for a loss
 
 
 @dataclass
@@ -62,38 +96,39 @@ class Trainer:
     """Runs epochs, evaluates, keeps the best weights, writes ``metrics.jsonl`` and resumable checkpoints.
 
     Args:
-        model: any module mapping a normalised batch to logits.
+        model: any module the objective's batches go through.
         groups: optimiser parameter groups (each with ``lr`` and ``base_lr``).
-        train_loader: yields (uint8 images, labels, indices).
-        val_loader: the same for validation.
+        train_loader: training batches, as the objective's ``step`` takes them.
+        val_loader: validation batches, as its ``outputs`` takes them.
         settings: loop settings.
-        batch_transform: uint8 batch on device -> network input (normalisation).
-        evaluate: (labels, probabilities) -> metrics dict containing ``settings.metric``.
-        on_best: called with the unwrapped model and the epoch's metrics whenever the metric improves.
+        objective: the loss of a batch and the evaluation of the model.
+        on_best: called by the main process with the unwrapped model and the epoch's metrics (and ``epoch``)
+            whenever the metric improves.
         run_dir: where ``metrics.jsonl`` and ``checkpoints/`` go (written by the main process only).
         accelerator: an Accelerator (one is made when omitted).
         baseline: metrics of the starting model (epoch 0), e.g. the head trained on frozen features.
+        on_epoch: called by the main process with the unwrapped model and the metrics.jsonl row after each epoch.
     """
 
     def __init__(
         self,
         model: nn.Module,
         groups: list[dict[str, Any]],
-        train_loader: DataLoader[Batch],
-        val_loader: DataLoader[Batch],
+        train_loader: DataLoader[Any],
+        val_loader: DataLoader[Any],
         settings: LoopSettings,
-        batch_transform: Callable[[torch.Tensor], torch.Tensor],
-        evaluate: Callable[[np.ndarray, np.ndarray], dict[str, Any]],
+        objective: Objective,
         on_best: Callable[[nn.Module, dict[str, Any]], None],
         run_dir: Path,
         accelerator: Accelerator | None = None,
         baseline: dict[str, Any] | None = None,
+        on_epoch: Callable[[nn.Module, dict[str, Any]], None] | None = None,
     ):
         self.accelerator = accelerator or Accelerator()
         self.settings = settings
-        self.batch_transform = batch_transform
-        self.evaluate_fn = evaluate
+        self.objective = objective
         self.on_best = on_best
+        self.on_epoch = on_epoch
         self.run_dir = run_dir
         self.baseline = baseline
         optimizer = torch.optim.AdamW(groups)
@@ -108,17 +143,14 @@ class Trainer:
         self.steps_per_epoch = max(1, len(self.train_loader))
         self.total_steps = self.steps_per_epoch * settings.epochs
         self.warmup_steps = round(settings.warmup_epochs * self.steps_per_epoch)
-        weight = (
-            torch.tensor(settings.class_weights, device=self.accelerator.device) if settings.class_weights else None
-        )
-        self.loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=settings.label_smoothing)
         self.step = 0
         self.epoch = 0
-        self.best = -math.inf
+        self.best = -math.inf if settings.maximize else math.inf
         self.best_epoch = -1
         self.history: list[dict[str, Any]] = []
         self.stale = 0
-        self._resume_totals: tuple[float, float, int] = (0.0, 0.0, 0)
+        # The running totals of an interrupted epoch: loss, each of the objective's sums, images.
+        self._resume_totals: tuple[float, ...] = ()
 
     def _plain_model(self) -> nn.Module:
         """The model without DDP or torch.compile wrappers: its state_dict keys match the saved model's."""
@@ -129,9 +161,9 @@ class Trainer:
     def _checkpoint_path(self) -> Path:
         return self.run_dir / "checkpoints" / "last.pt"
 
-    def save_checkpoint(self, batches_done: int, totals: tuple[float, float, int] = (0.0, 0.0, 0)) -> None:
+    def save_checkpoint(self, batches_done: int, totals: tuple[float, ...] = ()) -> None:
         """Atomically save everything needed to continue: weights, optimiser, RNG states, position in the epoch
-        (batches done and the running loss/accuracy sums), best metric and history."""
+        (batches done and the running totals: loss, the objective's sums, images), best metric and history."""
         if not self.accelerator.is_main_process:
             return
         state = {
@@ -140,7 +172,7 @@ class Trainer:
             "step": self.step,
             "epoch": self.epoch,
             "batches_done": batches_done,
-            "epoch_totals": torch.tensor([totals[0], totals[1], float(totals[2])], dtype=torch.float64),
+            "epoch_totals": torch.tensor(totals or self._zero_totals(), dtype=torch.float64),
             "best": self.best,
             "best_epoch": self.best_epoch,
             "stale": self.stale,
@@ -168,12 +200,15 @@ class Trainer:
         _set_numpy_state(json.loads(bytes(state["rng_numpy"].numpy()).decode()))
         random.setstate(_tuplify(json.loads(state["rng_python"])))
         totals = state["epoch_totals"].tolist()
-        self._resume_totals = (totals[0], totals[1], int(totals[2]))
+        self._resume_totals = (*totals[:-1], int(totals[-1]))
         if self.accelerator.is_main_process:
             # Rows written after this checkpoint belong to work that will be redone.
             rows = "".join(json.dumps(entry) + "\n" for entry in self.history)
             (self.run_dir / "metrics.jsonl").write_text(rows)
         return int(state["batches_done"])
+
+    def _zero_totals(self) -> tuple[float, ...]:
+        return (0.0, *(0.0 for _ in self.objective.running), 0)
 
     # -- loop --------------------------------------------------------------------------------------------------------
 
@@ -182,26 +217,22 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = group["base_lr"] * scale
 
-    def _inputs(self, images: torch.Tensor) -> torch.Tensor:
-        x = self.batch_transform(images)
-        return x.contiguous(memory_format=torch.channels_last) if self.settings.channels_last else x
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The prepared model on a network input, in the run's precision and memory format."""
+        if self.settings.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(self.accelerator.device, self.settings.precision):
+            return self.model(x)
 
     def validate(self) -> dict[str, Any]:
-        """Validation loss and metrics, gathered across processes."""
+        """Validation metrics, from the objective's outputs gathered across processes."""
         self.model.eval()
-        all_logits, all_labels = [], []
+        parts: list[tuple[torch.Tensor, ...]] = []
         with torch.inference_mode():
-            for images, labels, _ in self.val_loader:
-                with autocast(self.accelerator.device, self.settings.precision):
-                    logits = self.model(self._inputs(images))
-                logits, labels = self.accelerator.gather_for_metrics((logits.float(), labels))
-                all_logits.append(logits.cpu())
-                all_labels.append(labels.cpu())
-        logits = torch.cat(all_logits)
-        labels = torch.cat(all_labels)
-        metrics = self.evaluate_fn(labels.numpy(), torch.softmax(logits, 1).numpy())
-        metrics["loss"] = float(nn.functional.cross_entropy(logits, labels))
-        return metrics
+            for batch in self.val_loader:
+                outputs = self.accelerator.gather_for_metrics(self.objective.outputs(self._forward, batch))
+                parts.append(tuple(t.cpu() for t in outputs))
+        return self.objective.evaluate(tuple(torch.cat(column) for column in zip(*parts, strict=True)))
 
     def fit(self, resume: bool = False) -> FitResult:
         """Train for ``settings.epochs`` epochs (or until early stopping), keeping the best epoch's weights."""
@@ -223,68 +254,61 @@ class Trainer:
         self.model.train()
         task = bars.add_task(f"epoch {epoch}/{self.settings.epochs}", total=self.steps_per_epoch, info="")
         tic = time.perf_counter()
-        device = self.accelerator.device
-        start = self._resume_totals if skip else (0.0, 0.0, 0)
-        loss_sum = torch.tensor(start[0], device=device)
-        correct = torch.tensor(start[1], device=device)
-        seen = start[2]
+        start = self._resume_totals if skip else self._zero_totals()
+        # [loss, *the objective's sums], accumulated on device: reading .item() every step would force a CPU-GPU sync.
+        sums = [torch.tensor(value, device=self.accelerator.device) for value in start[:-1]]
+        seen = int(start[-1])
         _set_epoch(self.train_loader, epoch)
         loader = self.accelerator.skip_first_batches(self.train_loader, skip) if skip else self.train_loader
         _set_epoch(loader, epoch)  # a skipping loader starts its own epoch counter at 0; keep the permutation
-        for batch_index, (images, labels, _) in enumerate(loader, start=skip):
+        for batch_index, batch in enumerate(loader, start=skip):
             self._set_lr()
-            with autocast(self.accelerator.device, self.settings.precision):
-                logits = self.model(self._inputs(images))
-            loss = self.loss_fn(logits.float(), labels)
+            result = self.objective.step(self._forward, batch)
             self.optimizer.zero_grad(set_to_none=True)
-            self.accelerator.backward(loss)
+            self.accelerator.backward(result.loss)
             self.optimizer.step()
             self.step += 1
-            # Accumulate on device; reading .item() every step would force a CPU-GPU sync.
-            loss_sum += loss.detach() * len(labels)
-            correct += (logits.argmax(1) == labels).sum()
-            seen += len(labels)
-            bars.update(task, advance=1, info=f"loss {loss.item():.3f}" if batch_index % 5 == 0 else None)
+            sums[0] += result.loss.detach() * result.size
+            for total, value in zip(sums[1:], result.sums, strict=True):
+                total += value
+            seen += result.size
+            bars.update(task, advance=1, info=f"loss {result.loss.item():.3f}" if batch_index % 5 == 0 else None)
             if self.settings.checkpoint_every and self.step % self.settings.checkpoint_every == 0:
-                self.save_checkpoint(batch_index + 1, (float(loss_sum), float(correct), seen))
-        totals = self.accelerator.reduce(
-            torch.stack([loss_sum, correct, torch.tensor(float(seen), device=loss_sum.device)])
-        )
+                self.save_checkpoint(batch_index + 1, (*(float(total) for total in sums), seen))
+        totals = self.accelerator.reduce(torch.stack([*sums, torch.tensor(float(seen), device=sums[0].device)]))
         train_seconds = time.perf_counter() - tic
         metrics = self.validate()
         self.epoch = epoch
+        images = totals[-1].clamp_min(1)
         row = {
             "phase": "train",
-            "train_loss": float(totals[0] / totals[2].clamp_min(1)),
-            "train_accuracy": float(totals[1] / totals[2].clamp_min(1)),
+            "train_loss": float(totals[0] / images),
+            **{name: float(total / images) for name, total in zip(self.objective.running, totals[1:-1], strict=True)},
             "lr": max(g["lr"] for g in self.optimizer.param_groups),
             "train_seconds": round(train_seconds, 3),
-            "train_images_per_s": round(float(totals[2]) / train_seconds, 2),
+            "train_images_per_s": round(float(totals[-1]) / train_seconds, 2),
             "epoch_seconds": round(time.perf_counter() - tic, 3),
             **metrics,
         }
         improved = self._record(epoch, row, metrics)
         bars.remove_task(task)
         if self.accelerator.is_main_process:
-            progress.log(
-                f"epoch {epoch}: train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.3f} | "
-                f"val loss {metrics['loss']:.4f} acc {metrics['accuracy']:.4f} "
-                f"bal {metrics['balanced_accuracy']:.4f} | {row['train_images_per_s']:.1f} img/s"
-                + (" *" if improved else "")
-            )
+            progress.log(self.objective.describe(epoch, row) + (" *" if improved else ""))
+            if self.on_epoch is not None:
+                self.on_epoch(self._plain_model(), self.history[-1])
         self.save_checkpoint(0)
         return bool(self.settings.early_stopping and self.stale >= self.settings.early_stopping)
 
     def _record(self, epoch: int, row: dict[str, Any], metrics: dict[str, Any]) -> bool:
         value = float(metrics[self.settings.metric])
-        improved = value > self.best
+        improved = value > self.best if self.settings.maximize else value < self.best
         if improved:
             self.best, self.best_epoch, self.stale = value, epoch, 0
             if self.accelerator.is_main_process:
-                self.on_best(self._plain_model(), metrics)
+                self.on_best(self._plain_model(), {"epoch": epoch, **metrics})
         else:
             self.stale += 1
-        compact = {k: v for k, v in row.items() if k not in ("per_class", "confusion_matrix", "classes")}
+        compact = {k: v for k, v in row.items() if k not in self.objective.unlogged}
         entry = {"epoch": epoch, **compact}
         self.history.append(entry)
         if self.accelerator.is_main_process:
