@@ -27,6 +27,9 @@ class Preprocessing:
     mean: tuple[float, float, float]  # per-channel mean subtracted after scaling to [0, 1]
     std: tuple[float, float, float]  # per-channel standard deviation divided by
     interpolation: str  # "bilinear" or "bicubic", as the weights were trained
+    # Features are the mean of the image's and its mirror image's: a second view at test time and in training the
+    # head, for twice the forward cost (the auto recipe; measured in benchmarks/suite.py).
+    mirror: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""
@@ -41,11 +44,16 @@ class Preprocessing:
             mean=tuple(float(v) for v in values["mean"]),  # type: ignore[arg-type]
             std=tuple(float(v) for v in values["std"]),  # type: ignore[arg-type]
             interpolation=str(values["interpolation"]),
+            mirror=bool(values.get("mirror", False)),  # models saved before the field existed had none
         )
 
     def key(self) -> str:
-        """Short stable string identifying this preprocessing, used in cache keys."""
-        return hashlib.sha1(repr(sorted(self.to_dict().items())).encode()).hexdigest()[:12]
+        """Short stable string identifying this preprocessing, used in cache keys (unchanged for ``mirror=False``,
+        so that caches made before the field existed stay valid)."""
+        values = self.to_dict()
+        if not self.mirror:
+            del values["mirror"]
+        return hashlib.sha1(repr(sorted(values.items())).encode()).hexdigest()[:12]
 
 
 # -- tensors ---------------------------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from headstart.data.transforms import Preprocessing
@@ -35,6 +36,9 @@ from headstart.models.weights import BUNDLED, bundled_path, load_into, read_stat
 
 TORCHVISION_PREFIX = "torchvision/"
 DEFAULT_BACKBONE = "efficientnet_lite0"
+ENSEMBLE_SEPARATOR = "+"  # "a+b": the features of a and b side by side
+# The three bundled ImageNet backbones together: the auto recipe's features (see strategies.py).
+BUNDLED_ENSEMBLE = "efficientnet_lite0+efficientnet_lite1+efficientnet_lite2"
 
 # Tiny random networks for tests: one per family so the contract test covers CNN, BN-free and attention models.
 TINY_BACKBONES = ("tiny_cnn", "test_efficientnet", "test_resnet", "test_convnext", "test_vit")
@@ -44,6 +48,7 @@ POPULAR: dict[str, str] = {
     "efficientnet_lite0": "EfficientNet-Lite0, 4.7M params, 224 px; ImageNet weights bundled (the default)",
     "efficientnet_lite1": "EfficientNet-Lite1, 5.4M params, 240 px; bundled with headstart[lite]",
     "efficientnet_lite2": "EfficientNet-Lite2, 6.1M params, 260 px; bundled with headstart[lite]",
+    BUNDLED_ENSEMBLE: "the three bundled EfficientNet-Lites side by side (3,840 features); any a+b+... works",
     "torchvision/googlenet": "GoogLeNet (Inception v1), torchvision; auxiliary heads removed",
     "torchvision/inception_v3": "Inception v3, torchvision, 299 px; auxiliary head removed",
     "inception_v3": "Inception v3, timm, 299 px",
@@ -72,7 +77,13 @@ class Backbone(nn.Module):
         self.weights_source = weights  # "bundled:<file>", "file:<path>", "hub:<id>" or "random"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Features of a normalised batch."""
+        """Features of a normalised batch (averaged with the mirrored batch's when the preprocessing says so)."""
+        if self.preprocessing.mirror:
+            both = self._features(torch.cat([x, x.flip(-1)]))
+            return (both[: x.shape[0]] + both[x.shape[0] :]) / 2
+        return self._features(x)
+
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
         out = self.net(x)
         if isinstance(out, tuple):  # torchvision Inception/GoogLeNet return namedtuples when aux heads exist
             out = out[0]
@@ -90,6 +101,51 @@ def fingerprint_tensors(name: str, tensors: dict[str, torch.Tensor]) -> str:
         digest.update(key.encode())
         digest.update(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+class Ensemble(nn.Module):
+    """Several backbones side by side; their features are concatenated.
+
+    The batch arrives at the largest member's input size; every other member sees it resized to its own size (in
+    the same proportion when the input size is changed), so one decode and crop serves them all. Bilinear without
+    antialiasing: the sizes differ by at most a quarter, and the graph stays exportable to ONNX.
+    """
+
+    def __init__(self, members: list[Backbone]):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        self.sizes = [m.preprocessing.input_size for m in members]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Concatenated features [B, sum of widths]."""
+        scale = x.shape[-1] / max(self.sizes)
+        outs = []
+        for member, native in zip(self.members, self.sizes, strict=True):
+            size = round(native * scale)
+            view = x if size == x.shape[-1] else F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+            outs.append(member(view))
+        return torch.cat(outs, 1)
+
+
+def ensemble_members(name: str) -> list[str]:
+    """The member names of an ensemble name (``"a+b"``), or ``[name]``."""
+    return name.split(ENSEMBLE_SEPARATOR) if ENSEMBLE_SEPARATOR in name and ":" not in name else [name]
+
+
+def _create_ensemble(name: str, pretrained: bool, weights: str | None) -> Backbone:
+    members = ensemble_members(name)
+    if weights is not None:
+        raise BackboneError(f"--weights gives one file, but {name!r} is an ensemble of {len(members)} backbones")
+    if len(set(members)) != len(members) or not all(members):
+        raise BackboneError(f"ensemble {name!r} names a member twice or an empty one; write e.g. {BUNDLED_ENSEMBLE}")
+    built = [create_backbone(m, pretrained=pretrained) for m in members]
+    largest = max(built, key=lambda b: b.preprocessing.input_size)
+    if any(b.preprocessing.mean != largest.preprocessing.mean or b.preprocessing.std != largest.preprocessing.std
+           for b in built):  # fmt: skip
+        raise BackboneError(f"the members of {name!r} expect different input normalisations; ensemble like with like")
+    source = "+".join(b.weights_source for b in built)
+    width = sum(b.num_features for b in built)
+    return Backbone(Ensemble(built), width, name, largest.preprocessing, source)
 
 
 # -- prefixes registered by other modules (e.g. ``ae:`` for autoencoders) -----------------------------------------
@@ -187,6 +243,8 @@ def create_backbone(name: str = DEFAULT_BACKBONE, pretrained: bool = True, weigh
         pretrained: load ImageNet (or file) weights; False gives the architecture with random weights.
         weights: explicit weight file, tried before bundled packages and the hub.
     """
+    if len(ensemble_members(name)) > 1:
+        return _create_ensemble(name, pretrained, weights)
     for prefix, factory in _PREFIXES.items():
         if name.startswith(prefix):
             return factory(name[len(prefix) :])

@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 
 from headstart.data.transforms import Preprocessing
 from headstart.hardware import launch_rank
-from headstart.models.backbones import TORCHVISION_PREFIX, Backbone, create_backbone, fingerprint_tensors
+from headstart.models.backbones import TORCHVISION_PREFIX, Backbone, create_backbone, ensemble_members, fingerprint_tensors
 from headstart.models.weights import BUNDLED
 
 FORMAT = "1"  # bump when the stored layout or the key changes
@@ -55,8 +55,8 @@ def source_key(name: str, weights: str | None) -> str | None:
         except OSError:
             return None  # create_backbone will report the missing file
         parts.append(f"file={path}:{stat.st_size}:{stat.st_mtime_ns}")
-    elif name in BUNDLED:
-        parts.append(f"bundled={BUNDLED[name].sha256}")
+    elif all(member in BUNDLED for member in ensemble_members(name)):
+        parts += [f"bundled={BUNDLED[member].sha256}" for member in ensemble_members(name)]
     else:
         parts.append("hub")
     return "|".join(parts)
