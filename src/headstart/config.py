@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-STRATEGIES = ("extract", "finetune", "scratch")
+STRATEGIES = ("auto", "extract", "finetune", "scratch")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,10 +35,13 @@ class DataConfig:
 class ModelConfig:
     """Which pretrained network to start from."""
 
-    backbone: str = "efficientnet_lite0"  # registry name; ImageNet weights ship offline for the default
+    # Registry name, or "a+b+..." for backbones side by side; None: the strategy's choice (strategies.BACKBONES:
+    # auto reads the three bundled EfficientNet-Lites, the others EfficientNet-Lite0; all ship ImageNet weights).
+    backbone: str | None = None
     weights: str | None = None  # explicit .safetensors/.pth file; overrides bundled packages and the hub
     drop_rate: float = 0.2  # dropout before the new head; the EfficientNet family was trained with 0.2
     input_size: int | None = None  # crop side in pixels; None: the strategy's default (see strategies.py)
+    mirror: bool | None = None  # average each image's features with its mirror image's; None: the strategy's choice
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +60,7 @@ class OptimConfig:
     head: str | None = None  # extract head: "logistic" (linear, default) or "knn"
     knn_k: int | None = None  # neighbours voted by the kNN head
     augment_views: int | None = None  # extra augmented views per training image cached for the extract head
+    head_scaling: str | None = None  # feature scaling of the logistic head: "feature", "global" or "auto" (by CV)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,7 +88,7 @@ class RunConfig:
 class TrainConfig:
     """Everything one ``headstart train`` needs; saved as ``config.yaml`` in its run folder."""
 
-    strategy: str = "finetune"  # "extract", "finetune" or "scratch" (see strategies.py)
+    strategy: str = "auto"  # "auto", "extract", "finetune" or "scratch" (see strategies.py)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)

@@ -17,13 +17,26 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--resume", metavar="RUN", help="continue an interrupted run from its last checkpoint")
     p.add_argument("--checkpoint-every", type=int, help="also checkpoint every N steps (default: each epoch)")
-    p.add_argument("--strategy", choices=["extract", "finetune", "scratch"], help="default: finetune")
-    p.add_argument("--backbone", help="registry name (see `headstart backbones`); default efficientnet_lite0")
+    p.add_argument(
+        "--strategy",
+        choices=["auto", "extract", "finetune", "scratch"],
+        help="default auto: frozen features of the three bundled backbones with mirrored views, head chosen by CV",
+    )
+    p.add_argument(
+        "--backbone",
+        help="registry name, or a+b for several side by side (default: the strategy's; see `headstart backbones`)",
+    )
     p.add_argument("--weights", help="weights file (.safetensors or .pth) for the backbone")
     p.add_argument("--epochs", type=int, help="training epochs (strategy default when omitted)")
     p.add_argument("--lr", type=float, help="peak learning rate of the head (strategy default when omitted)")
     p.add_argument("--batch-size", type=int, help="images per step (default 32)")
     p.add_argument("--input-size", type=int, help="crop side in pixels (default: the strategy's choice)")
+    p.add_argument(
+        "--mirror",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="average each image's frozen features with its mirror image's (default: on for auto, off otherwise)",
+    )
     p.add_argument("--val-fraction", type=float, help="held-out share when the data has no val/ folder (0.2)")
     p.add_argument("--class-weights", choices=["none", "auto"], help="auto: weight the loss by inverse frequency")
     p.add_argument("--head", choices=["logistic", "knn"], help="extract head (default logistic)")
@@ -96,6 +109,7 @@ def _train(args: argparse.Namespace) -> int:
         lr=args.lr,
         batch_size=args.batch_size,
         input_size=args.input_size,
+        mirror=args.mirror,
         val_fraction=args.val_fraction,
         class_weights=args.class_weights,
         head=args.head,

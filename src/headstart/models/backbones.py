@@ -122,7 +122,10 @@ class Ensemble(nn.Module):
         outs = []
         for member, native in zip(self.members, self.sizes, strict=True):
             size = round(native * scale)
-            view = x if size == x.shape[-1] else F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+            if size != x.shape[-1]:
+                view = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+            else:
+                view = x
             outs.append(member(view))
         return torch.cat(outs, 1)
 

@@ -26,7 +26,13 @@ from safetensors.torch import load_file
 
 from headstart.data.transforms import Preprocessing
 from headstart.hardware import launch_rank
-from headstart.models.backbones import TORCHVISION_PREFIX, Backbone, create_backbone, ensemble_members, fingerprint_tensors
+from headstart.models.backbones import (
+    TORCHVISION_PREFIX,
+    Backbone,
+    create_backbone,
+    ensemble_members,
+    fingerprint_tensors,
+)
 from headstart.models.weights import BUNDLED
 
 FORMAT = "1"  # bump when the stored layout or the key changes

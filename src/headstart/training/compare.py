@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from headstart.training.run import TrainResult
 
 # Trained strategies need pretrained weights; scratch is the control and must never load them.
-PRETRAINED = ("extract", "finetune")
+PRETRAINED = ("auto", "extract", "finetune")
 
 
 @dataclass
@@ -83,12 +83,12 @@ class CompareResult:
 def trainable_parameters(run_dir: Path) -> int:
     """Parameters the run's strategy trains, counted on the saved model with the strategy's own freezing rules."""
     from headstart.insight.predictor import load
-    from headstart.training.strategies import apply_bn_policy
+    from headstart.training.strategies import FROZEN, apply_bn_policy
 
     model = load(run_dir)
     classifier = model.classifier
     strategy = model.info.get("strategy")
-    if strategy == "extract":
+    if strategy in FROZEN:
         return sum(p.numel() for p in classifier.head.parameters())
     policy = model.info.get("config", {}).get("optim", {}).get("bn_policy") or "train"
     classifier.requires_grad_(True)

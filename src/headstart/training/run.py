@@ -48,7 +48,15 @@ from headstart.models.classifier import (
 from headstart.models.heads import fit_knn, fit_logistic, predict_proba
 from headstart.models.prepared import PreparedBackbone, load_backbone
 from headstart.training.objectives import Classification
-from headstart.training.strategies import apply_bn_policy, param_groups, resolve_optim, resolve_preprocessing
+from headstart.training.strategies import (
+    FROZEN,
+    apply_bn_policy,
+    input_size_rule,
+    param_groups,
+    resolve_model,
+    resolve_optim,
+    resolve_preprocessing,
+)
 from headstart.training.trainer import EpochSampler, LoopSettings, Trainer, make_accelerator
 
 # Short keyword names accepted by train() besides dotted config keys.
@@ -56,6 +64,7 @@ ALIASES = {
     "backbone": "model.backbone",
     "weights": "model.weights",
     "input_size": "model.input_size",
+    "mirror": "model.mirror",
     "epochs": "optim.epochs",
     "lr": "optim.lr",
     "head": "optim.head",
@@ -138,15 +147,18 @@ def resume(run: str | Path) -> TrainResult:
     if not (run / "config.yaml").is_file():
         raise FileNotFoundError(f"{run / 'config.yaml'} not found; is {run} a headstart run folder?")
     config = cfg.load_yaml(TrainConfig, run / "config.yaml")
-    if config.strategy == "extract":
-        raise ValueError(f"{run} is an extract run: it has no checkpoints to resume; it takes seconds to run again")
+    if config.strategy in FROZEN:
+        raise ValueError(
+            f"{run} is a {config.strategy} run on frozen features: it has no checkpoints to resume; it takes seconds "
+            "to run again"
+        )
     return train(config=cfg.replace(config, **{"run.out": str(run)}), _resume=True)
 
 
 def train(
     data: str | Path | None = None, *, config: TrainConfig | None = None, _resume: bool = False, **overrides: Any
 ) -> TrainResult:
-    """Train a classifier on a folder of labelled images by one of the three strategies.
+    """Train a classifier on a folder of labelled images by one of the strategies (default ``auto``).
 
     Args:
         data: dataset folder or CSV manifest (or set ``config.data.path``).
@@ -158,11 +170,10 @@ def train(
         The run folder, the saved model's validation metrics and the wall time.
     """
     tic = time.perf_counter()
-    config = build_config(data, config, **overrides)
-    config = cfg.replace(config, optim=resolve_optim(config.strategy, config.optim))
+    config = resolve_config(build_config(data, config, **overrides))
     # Only network training needs Accelerate (DDP); extract runs its single pass without it. With split_batches,
     # data.batch_size is the global batch whatever the number of processes, so the learning rate needs no rescaling.
-    accelerator = make_accelerator() if config.strategy != "extract" else None
+    accelerator = make_accelerator() if config.strategy not in FROZEN else None
     is_main = accelerator.is_main_process if accelerator else launch_rank() == 0
     device = accelerator.device if accelerator else pick_device()
     precision = resolve_precision(config.run.precision, device)
@@ -170,60 +181,28 @@ def train(
     name = f"{config.strategy}-{config.model.backbone}"  # of the default run folder
     run_dir = Path(str(config.run.out)) if _resume else new_run_dir(config.run.out, name, config.run.overwrite, is_main)
     cache_root = default_cache_root(config.run.cache_dir)
-    dataset = load_dataset(config.data.path, config.data.val_fraction, config.data.split_seed, cache_root)
-    _report_data(dataset, run_dir, is_main)
-    if config.run.audit and is_main:
-        for warning in quick_audit(dataset):
-            progress.log(f"[yellow]{warning}")
-    backbone: Backbone | PreparedBackbone
-    if config.strategy == "extract":  # its stored description: a run served from the feature cache builds no network
-        backbone = load_backbone(config.model.backbone, config.model.weights, cache_root)
-    else:
-        backbone = create_backbone(
-            config.model.backbone, pretrained=config.strategy != "scratch", weights=config.model.weights
-        )
-    backbone.preprocessing = resolve_preprocessing(config.strategy, backbone.preprocessing, config.model.input_size)
-    num_classes = len(dataset.classes)
+    dataset = _load_data(config, run_dir, cache_root, is_main)
+    backbone, size_rule = _backbone(config, cache_root, dataset)
     if is_main and not _resume:
         cfg.save_yaml(config, run_dir / "config.yaml")
-    meta: dict[str, Any] = {
-        "classes": dataset.classes,
-        "strategy": config.strategy,
-        "precision": precision,
-        "data_fingerprint": dataset.fingerprint(),
-        "data_path": str(dataset.root),
-        "config": cfg.to_dict(config),
-        "train_counts": dataset.counts(dataset.train),
-        "val_counts": dataset.counts(dataset.val),
-    }
-
-    def on_best(best: torch.nn.Module, metrics: dict[str, Any]) -> None:
-        assert isinstance(best, Classifier)
-        save_classifier(best, run_dir, {**meta, "val_metrics": _summary(metrics)})
-
+    meta = _meta(config, dataset, precision)
     result = TrainResult(run_dir, {}, 0.0, config)
     head, baseline = None, None
-    if config.strategy in ("extract", "finetune") and not _resume:  # a resumed run's head is in its checkpoint
+    if config.strategy != "scratch" and not _resume:  # a resumed run's head is in its checkpoint
         # Under a multi-process launch every rank embeds its share of the images; each then fits the (same) head.
-        head, baseline = _fit_head(backbone, num_classes, dataset, config, precision, device, is_main)
+        head, baseline = _fit_head(backbone, dataset, config, precision, device, is_main, size_rule)
     if not is_main and accelerator is None:
-        return result  # extract: rank 0 writes the run folder
-    if config.strategy == "extract" and head is not None and baseline is not None:
-        tensors = classifier_tensors(backbone.state_dict(), head)
-        summary = {**meta, "val_metrics": _summary(baseline)}
-        write_classifier(run_dir, backbone, tensors, head, num_classes, config.model.drop_rate, summary)
-        network = backbone if isinstance(backbone, Backbone) else backbone.built
-        if network is not None:
-            result.model = Classifier(network, num_classes, config.model.drop_rate, head=head)
-            result.model.freeze_backbone()
-        entry = {"epoch": 0, "phase": "head", **_summary(baseline), **baseline.pop("head_info")}
-        (run_dir / "metrics.jsonl").write_text(json.dumps(entry) + "\n")
-        result.history = [entry]
-        # The model's head runs in fp32 on the same features, so these are the saved model's own metrics.
-        result.metrics = baseline
+        return result  # frozen features: rank 0 writes the run folder
+    if config.strategy in FROZEN and head is not None and baseline is not None:
+        _save_frozen(result, backbone, head, baseline, meta)
     if accelerator is not None:
-        assert isinstance(backbone, Backbone)  # finetune and scratch build theirs above
-        result.model = Classifier(backbone, num_classes, config.model.drop_rate, head=head)
+        assert isinstance(backbone, Backbone)  # finetune and scratch build theirs
+        result.model = Classifier(backbone, len(dataset.classes), config.model.drop_rate, head=head)
+
+        def on_best(best: torch.nn.Module, metrics: dict[str, Any]) -> None:
+            assert isinstance(best, Classifier)
+            save_classifier(best, run_dir, {**meta, "val_metrics": _summary(metrics)})
+
         result.history = _fit_network(
             result.model, dataset, config, precision, accelerator, run_dir, on_best, baseline, resume=_resume
         )
@@ -236,6 +215,85 @@ def train(
         if config.run.report:
             _write_report(run_dir, dataset)
     return result
+
+
+def resolve_config(config: TrainConfig) -> TrainConfig:
+    """Fill every choice left to the strategy (backbone, mirror, optimiser settings): what config.yaml records."""
+    return cfg.replace(
+        config, optim=resolve_optim(config.strategy, config.optim), model=resolve_model(config.strategy, config.model)
+    )
+
+
+def _load_data(config: TrainConfig, run_dir: Path, cache_root: Path, is_main: bool) -> Dataset:
+    """Scan and split the data, list what was skipped, and warn about leakage (rank 0 reports)."""
+    dataset = load_dataset(config.data.path, config.data.val_fraction, config.data.split_seed, cache_root)
+    _report_data(dataset, run_dir, is_main)
+    if config.run.audit and is_main:
+        for warning in quick_audit(dataset):
+            progress.log(f"[yellow]{warning}")
+    return dataset
+
+
+def _backbone(config: TrainConfig, cache_root: Path, dataset: Dataset) -> tuple[Backbone | PreparedBackbone, str]:
+    """The strategy's backbone with its preprocessing, and why its input size; frozen strategies get the stored
+    description, which builds no network when every feature is in the cache."""
+    assert config.model.backbone is not None  # resolve_config chose one
+    backbone: Backbone | PreparedBackbone
+    if config.strategy in FROZEN:
+        backbone = load_backbone(config.model.backbone, config.model.weights, cache_root)
+    else:
+        backbone = create_backbone(
+            config.model.backbone, pretrained=config.strategy != "scratch", weights=config.model.weights
+        )
+    side = median_side(dataset)
+    rule = "given" if config.model.input_size else input_size_rule(config.strategy, backbone.preprocessing.input_size,
+                                                                    side)[1]  # fmt: skip
+    backbone.preprocessing = resolve_preprocessing(
+        config.strategy, backbone.preprocessing, config.model.input_size, bool(config.model.mirror), source_side=side
+    )
+    return backbone, rule
+
+
+def median_side(dataset: Dataset) -> float | None:
+    """The median shorter side of the training images, in pixels (None when the scan recorded no sizes)."""
+    sides = [min(r.width, r.height) for r in dataset.train if r.width > 0 and r.height > 0]
+    return float(np.median(sides)) if sides else None
+
+
+def _meta(config: TrainConfig, dataset: Dataset, precision: str) -> dict[str, Any]:
+    """What model.json records about the run besides the model itself."""
+    return {
+        "classes": dataset.classes,
+        "strategy": config.strategy,
+        "precision": precision,
+        "data_fingerprint": dataset.fingerprint(),
+        "data_path": str(dataset.root),
+        "config": cfg.to_dict(config),
+        "train_counts": dataset.counts(dataset.train),
+        "val_counts": dataset.counts(dataset.val),
+    }
+
+
+def _save_frozen(
+    result: TrainResult, backbone: Backbone | PreparedBackbone, head: torch.nn.Module, baseline: dict[str, Any],
+    meta: dict[str, Any],
+) -> None:  # fmt: skip
+    """Write the model of a frozen-feature run (backbone tensors + the fitted head) and its one metrics row."""
+    config, run_dir = result.config, result.run_dir
+    num_classes = len(meta["classes"])
+    info = baseline.pop("head_info")
+    tensors = classifier_tensors(backbone.state_dict(), head)
+    summary = {**meta, "val_metrics": _summary(baseline), "recipe": info.get("recipe")}
+    write_classifier(run_dir, backbone, tensors, head, num_classes, config.model.drop_rate, summary)
+    network = backbone if isinstance(backbone, Backbone) else backbone.built
+    if network is not None:
+        result.model = Classifier(network, num_classes, config.model.drop_rate, head=head)
+        result.model.freeze_backbone()
+    entry = {"epoch": 0, "phase": "head", **_summary(baseline), **info}
+    (run_dir / "metrics.jsonl").write_text(json.dumps(entry) + "\n")
+    result.history = [entry]
+    # The model's head runs in fp32 on the same features, so these are the saved model's own metrics.
+    result.metrics = baseline
 
 
 def _finish_run(result: TrainResult, dataset: Dataset, run_dir: Path, reload: bool, started: float) -> None:
@@ -289,11 +347,47 @@ def _class_weights(dataset: Dataset, mode: str) -> tuple[float, ...] | None:
 
 
 def _fit_head(
-    backbone: Backbone | PreparedBackbone, num_classes: int, dataset: Dataset, config: TrainConfig, precision: str,
-    device: torch.device, show: bool,
+    backbone: Backbone | PreparedBackbone, dataset: Dataset, config: TrainConfig, precision: str, device: torch.device,
+    show: bool, size_rule: str = "",
 ) -> tuple[torch.nn.Module, dict[str, Any]]:  # fmt: skip
-    """Train a new head on cached frozen features; returns it and its validation metrics (epoch 0)."""
+    """Train a new head on cached frozen features; returns it and its validation metrics (epoch 0), whose
+    ``head_info`` says what was chosen (``recipe``: one readable line)."""
     optim = config.optim
+    train_set, val_set, hits = _head_features(backbone, dataset, config, precision, device)
+    features, labels, groups = train_set
+    class_weight = "balanced" if config.run.class_weights == "auto" else None
+    tic = time.perf_counter()
+    info: dict[str, Any]
+    head: torch.nn.Module
+    num_classes = len(dataset.classes)
+    if optim.head == "knn":
+        head = fit_knn(features, labels, num_classes, k=optim.knn_k or 10)
+        info = {"head": "knn", "k": optim.knn_k}
+    else:
+        head, fitted = fit_logistic(
+            features, labels, num_classes, c=optim.head_c, class_weight=class_weight, seed=config.run.seed,
+            groups=groups, scaling=optim.head_scaling or "feature",
+        )  # fmt: skip
+        info = {"head": "logistic", **fitted}
+    info["head_seconds"] = round(time.perf_counter() - tic, 3)
+    info["feature_cache_hits"] = hits
+    info["recipe"] = recipe_line(config, backbone, info, size_rule)
+    val_features, val_labels = val_set
+    probs = predict_proba(head, val_features)
+    metrics = classification_metrics(val_labels, probs, dataset.classes)
+    metrics["loss"] = float(-np.log(np.clip(probs[np.arange(len(val_labels)), val_labels], 1e-12, 1.0)).mean())
+    metrics["head_info"] = info
+    if show:
+        progress.log(f"recipe: {info['recipe']}")
+        progress.log(f"head on frozen features: val accuracy {metrics['accuracy']:.4f} ({hits} images from the cache)")
+    return head, metrics
+
+
+def _head_features(
+    backbone: Backbone | PreparedBackbone, dataset: Dataset, config: TrainConfig, precision: str, device: torch.device
+) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray], int]:
+    """((train features, labels, image of each row), (val features, labels), images served by the feature cache);
+    training rows include ``optim.augment_views`` augmented views of each image."""
     common: dict[str, Any] = {
         "batch_size": config.data.batch_size,
         "precision": precision,
@@ -309,7 +403,7 @@ def _fit_head(
     va = Embeddings(both.features[~in_train], both.index[~in_train] - n_train)
     labels = np.array([dataset.train[i].label for i in tr.index])
     features, groups = tr.features, tr.index.copy()
-    for k in range(optim.augment_views or 0):
+    for k in range(config.optim.augment_views or 0):
         torch.manual_seed(config.run.seed * 1000 + k)
         view = embed(
             backbone,
@@ -322,32 +416,27 @@ def _fit_head(
         features = np.concatenate([features, view.features])
         labels = np.concatenate([labels, np.array([dataset.train[tr.index[i]].label for i in view.index])])
         groups = np.concatenate([groups, tr.index[view.index]])
-    class_weight = "balanced" if config.run.class_weights == "auto" else None
-    tic = time.perf_counter()
-    info: dict[str, Any]
-    head: torch.nn.Module
-    if optim.head == "knn":
-        head = fit_knn(features, labels, num_classes, k=optim.knn_k or 10)
-        info = {"head": "knn", "k": optim.knn_k}
-    else:
-        head, fitted = fit_logistic(
-            features, labels, num_classes, c=optim.head_c, class_weight=class_weight, seed=config.run.seed,
-            groups=groups,
-        )  # fmt: skip
-        info = {"head": "logistic", **fitted}
-    info["head_seconds"] = round(time.perf_counter() - tic, 3)
-    info["feature_cache_hits"] = both.hits
-    probs = predict_proba(head, va.features)
     val_labels = np.array([dataset.val[i].label for i in va.index])
-    metrics = classification_metrics(val_labels, probs, dataset.classes)
-    metrics["loss"] = float(-np.log(np.clip(probs[np.arange(len(val_labels)), val_labels], 1e-12, 1.0)).mean())
-    metrics["head_info"] = info
-    if show:
-        progress.log(
-            f"head on frozen features: val accuracy {metrics['accuracy']:.4f} "
-            f"({info.get('head')}, C={info.get('C', '-')}, {both.hits} cached, {both.computed} computed)"
+    return (features, labels, groups), (va.features, val_labels), both.hits
+
+
+def recipe_line(
+    config: TrainConfig, backbone: Backbone | PreparedBackbone, info: dict[str, Any], size_rule: str = ""
+) -> str:
+    """One readable line: what the frozen-feature recipe decided, and why."""
+    prep = backbone.preprocessing
+    size = f"{prep.input_size} px ({size_rule})" if size_rule else f"{prep.input_size} px"
+    views = "each image's features averaged with its mirror image's" if prep.mirror else "one centre view"
+    chosen = "chosen by 5-fold cross-validation on the training split"
+    if info.get("head") == "knn":
+        head = f"kNN head, k={info.get('k')}"
+    else:
+        fixed = config.optim.head_c is not None
+        head = (
+            f"logistic head, C={info.get('C')}{' (given)' if fixed else ''} and {info.get('scaling')} feature "
+            f"scaling {chosen}" + (f" (CV accuracy {info['cv_accuracy']:.3f})" if "cv_accuracy" in info else "")
         )
-    return head, metrics
+    return f"{config.strategy}: frozen {backbone.name} features ({backbone.num_features}) at {size}, {views}; {head}"
 
 
 def _fit_network(

@@ -1,5 +1,9 @@
-"""The three ways to reuse a pretrained network, and what each one trains.
+"""The three ways to reuse a pretrained network, what each one trains, and the recommended recipe on top of them.
 
+* ``auto`` (the default): the recipe that measured best on new domains at a bounded cost (``benchmarks/suite.py``):
+  frozen features of the three bundled ImageNet backbones side by side, each image's averaged with its mirror
+  image's, and a logistic head whose feature scaling and L2 strength are chosen by cross-validation on the training
+  split. It trains like ``extract``; only its defaults differ.
 * ``extract``: the backbone is frozen (BatchNorm statistics included) and only a new head is trained, on cached
   features (see :mod:`headstart.models.heads`); seconds on a CPU.
 * ``finetune``: the new head is first trained on frozen features exactly as in ``extract``; then the whole network
@@ -21,26 +25,56 @@ import math
 
 import torch
 
-from headstart.config import OptimConfig
+from headstart.config import ModelConfig, OptimConfig
 from headstart.data.transforms import Preprocessing
+from headstart.models.backbones import BUNDLED_ENSEMBLE, DEFAULT_BACKBONE
 from headstart.models.classifier import Classifier
 from headstart.models.freezing import batch_norms, freeze
 
+# Strategies that train only a head, on cached frozen features.
+FROZEN = ("auto", "extract")
+
 # Defaults chosen to work without tuning on small sets (hundreds to thousands of images) at 224 px.
+_FROZEN_HEAD = OptimConfig(
+    epochs=0, lr=0.0, backbone_lr_ratio=0.0, weight_decay=0.0, warmup_epochs=0.0, label_smoothing=0.0,
+    augment="none", bn_policy="frozen", head_c=None, head="logistic", knn_k=10, augment_views=0, head_scaling="auto",
+)  # fmt: skip
 DEFAULTS: dict[str, OptimConfig] = {
-    "extract": OptimConfig(
-        epochs=0, lr=0.0, backbone_lr_ratio=0.0, weight_decay=0.0, warmup_epochs=0.0, label_smoothing=0.0,
-        augment="none", bn_policy="frozen", head_c=None, head="logistic", knn_k=10, augment_views=0,
-    ),
+    "auto": _FROZEN_HEAD,
+    "extract": _FROZEN_HEAD,
+    # The fine-tuning head starts from per-feature standardisation, as it was measured with.
     "finetune": OptimConfig(
         epochs=5, lr=3e-4, backbone_lr_ratio=0.1, weight_decay=0.01, warmup_epochs=1.0, label_smoothing=0.1,
         augment="light", bn_policy="frozen", head_c=None, head="logistic", knn_k=10, augment_views=0,
+        head_scaling="feature",
     ),
     "scratch": OptimConfig(
         epochs=15, lr=2e-3, backbone_lr_ratio=1.0, weight_decay=0.05, warmup_epochs=1.0, label_smoothing=0.1,
         augment="light", bn_policy="train", head_c=None, head="logistic", knn_k=10, augment_views=0,
+        head_scaling="feature",
     ),
 }  # fmt: skip
+
+# Each strategy's backbone when none is named. auto: the three bundled backbones side by side, the one lever that
+# gained on every domain of the suite. extract: EXTRACT_BACKBONE, the fastest pair that still beat the hand-written
+# probe everywhere. Trained strategies: one network, as fine-tuning three costs three times as much.
+EXTRACT_BACKBONE = "efficientnet_lite0+efficientnet_lite2"
+BACKBONES = {"auto": BUNDLED_ENSEMBLE, "extract": EXTRACT_BACKBONE, "finetune": DEFAULT_BACKBONE,
+             "scratch": DEFAULT_BACKBONE}  # fmt: skip
+# Mirrored views double the feature cost; the auto recipe spends it (half a point on the suite), extract does not.
+MIRROR = {"auto": True, "extract": False, "finetune": False, "scratch": False}
+
+
+def resolve_model(strategy: str, model: ModelConfig) -> ModelConfig:
+    """Fill the backbone and mirror choices the user left open with the strategy's."""
+    if strategy not in FROZEN and model.mirror:
+        raise ValueError(f"mirrored feature views apply to frozen features (auto, extract), not to {strategy}")
+    return dataclasses.replace(
+        model,
+        backbone=model.backbone or BACKBONES[strategy],
+        mirror=MIRROR[strategy] if model.mirror is None else model.mirror,
+    )
+
 
 # Frozen features are read at a higher resolution than the network was trained at: random-resized-crop training
 # makes objects look larger than a centre crop shows them, and a ~15% larger test size compensates (Touvron et al.,
@@ -57,17 +91,36 @@ def resolve_optim(strategy: str, optim: OptimConfig) -> OptimConfig:
         raise ValueError(f"unknown bn_policy {merged['bn_policy']!r}; choose train or frozen")
     if merged["head"] not in ("logistic", "knn"):
         raise ValueError(f"unknown head {merged['head']!r}; choose logistic or knn")
+    if merged["head_scaling"] not in ("feature", "global", "auto"):
+        raise ValueError(f"unknown head_scaling {merged['head_scaling']!r}; choose feature, global or auto")
     return OptimConfig(**merged)
 
 
-def resolve_preprocessing(strategy: str, prep: Preprocessing, input_size: int | None) -> Preprocessing:
-    """The preprocessing a strategy trains and predicts with: the weights' own, at the chosen input size."""
-    if input_size is None and strategy == "extract":
-        input_size = int(round(prep.input_size * EXTRACT_RESOLUTION_SCALE / 32) * 32)
+def resolve_preprocessing(
+    strategy: str, prep: Preprocessing, input_size: int | None, mirror: bool, source_side: float | None = None
+) -> Preprocessing:
+    """The preprocessing a strategy trains and predicts with: the weights' own, at the chosen input size.
+
+    Frozen strategies read features at ``EXTRACT_RESOLUTION_SCALE`` times the weights' size when the images have
+    the pixels for it (``source_side``, the median shorter side, at least that size); smaller sources are read at the
+    weights' own size, since enlarging them further adds no detail, only cost.
+    """
+    input_size = input_size or input_size_rule(strategy, prep.input_size, source_side)[0]
+    prep = dataclasses.replace(prep, mirror=mirror)
     if input_size is None or input_size == prep.input_size:
         return prep
     crop_pct = prep.input_size / prep.resize_size
     return dataclasses.replace(prep, input_size=input_size, resize_size=math.floor(input_size / crop_pct))
+
+
+def input_size_rule(strategy: str, native: int, source_side: float | None) -> tuple[int, str]:
+    """(input size, why) for a strategy left to choose, given the weights' size and the images' median shorter side."""
+    if strategy not in FROZEN:
+        return native, "the weights' own size"
+    larger = int(round(native * EXTRACT_RESOLUTION_SCALE / 32) * 32)
+    if source_side is None or source_side >= larger:
+        return larger, f"{EXTRACT_RESOLUTION_SCALE}x the weights' {native} px: the images have the pixels for it"
+    return native, f"the weights' own size: the images' median shorter side ({source_side:.0f} px) is below {larger}"
 
 
 def apply_bn_policy(model: Classifier, policy: str) -> None:
