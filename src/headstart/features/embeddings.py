@@ -7,6 +7,7 @@ Every entry carries a CRC-32; a corrupt one is detected, deleted and recomputed,
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import struct
@@ -167,33 +168,44 @@ def embed(
             network = network.network()
     if todo:
         assert isinstance(network, Backbone)
-        mine = todo[rank::world]  # under a multi-process launch each rank embeds its share of the misses
-        computed = run_model(
-            network, [records[i] for i in mine], backbone.preprocessing, dim, batch_size=batch_size,
+        run = functools.partial(
+            run_model, network, prep=backbone.preprocessing, width=dim, batch_size=batch_size,
             precision=precision, device=device, workers=workers, channels_last=channels_last, description=description,
             augment=augment,
         )  # fmt: skip
-        for j in np.flatnonzero(computed.ok):
-            if cache is not None:
-                cache.put(records[mine[j]].digest, computed.values[j])
-        shards = [(mine, computed.values, computed.ok, computed.failed)]
-        if world > 1:
-            import torch.distributed as dist
-
-            gathered: list[Any] = [None] * world
-            dist.all_gather_object(gathered, shards[0])
-            shards = gathered
-        for positions, values, done, lost in shards:  # merged back in input order
-            for j in np.flatnonzero(done):
-                features[positions[j]] = values[j]
-                ok[positions[j]] = True
-            failed += lost
-        failed.sort(key=lambda item: str(item[0]))
+        failed = _compute_shares(run, records, todo, cache, features, ok, world, rank)
     index = np.flatnonzero(ok)
     out = features[index]
     if l2_normalize:
         out = out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
     return Embeddings(out, index, failed, hits=len(records) - len(todo), computed=len(todo) - len(failed))
+
+
+def _compute_shares(
+    run: Callable[[list[ImageRecord]], Any], records: list[ImageRecord], todo: list[int], cache: FeatureCache | None,
+    features: np.ndarray, ok: np.ndarray, world: int, rank: int,
+) -> list[tuple[Path, str]]:  # fmt: skip
+    """Compute this rank's share of ``todo`` (every position when alone), cache it, and merge every rank's share into
+    ``features``/``ok`` in input order; returns the files that could not be read, sorted."""
+    mine = todo[rank::world]
+    computed = run([records[i] for i in mine])
+    for j in np.flatnonzero(computed.ok):
+        if cache is not None:
+            cache.put(records[mine[j]].digest, computed.values[j])
+    shards = [(mine, computed.values, computed.ok, computed.failed)]
+    if world > 1:
+        import torch.distributed as dist
+
+        gathered: list[Any] = [None] * world
+        dist.all_gather_object(gathered, shards[0])
+        shards = gathered
+    failed: list[tuple[Path, str]] = []
+    for positions, values, done, lost in shards:
+        for j in np.flatnonzero(done):
+            features[positions[j]] = values[j]
+            ok[positions[j]] = True
+        failed += lost
+    return sorted(failed, key=lambda item: str(item[0]))
 
 
 def _agree(todo: list[int], world: int) -> list[int]:
