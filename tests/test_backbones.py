@@ -77,7 +77,9 @@ def test_every_popular_name_is_known() -> None:
     import torchvision
 
     for name in POPULAR:
-        if name.startswith("torchvision/"):
+        if "+" in name:
+            assert all(member in BUNDLED for member in name.split("+"))
+        elif name.startswith("torchvision/"):
             assert name.split("/", 1)[1] in torchvision.models.list_models(module=torchvision.models)
         elif name in BUNDLED:
             assert timm.is_model("tf_" + name)

@@ -75,7 +75,7 @@ def test_unknown_keys_list_the_valid_ones(tmp_path: Path) -> None:
         ({"data": {"val_fraction": "0.2"}}, r"config\.data\.val_fraction must be float"),
         ({"strategy": None}, r"config\.strategy may not be empty"),
         ({"model": "tiny_cnn"}, r"config\.model must be a mapping, got str"),
-        ({"model": {"backbone": 3}}, r"config\.model\.backbone must be str, got 3"),
+        ({"model": {"backbone": 3}}, r"config\.model\.backbone must be str, NoneType, got 3"),
     ],
 )
 def test_wrong_types_are_rejected(values: dict[str, object], message: str) -> None:
@@ -106,7 +106,7 @@ def test_replace_with_dotted_keys() -> None:
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
-        ({"strategy": "transfer"}, r"unknown strategy 'transfer'; choose one of extract, finetune, scratch"),
+        ({"strategy": "transfer"}, r"unknown strategy 'transfer'; choose one of auto, extract, finetune, scratch"),
         ({"run.precision": "fp16"}, r"unknown precision 'fp16'; choose auto, bf16 or fp32"),
         ({"run.class_weights": "balanced"}, r"unknown class_weights 'balanced'"),
         ({"data.val_fraction": 1.0}, r"val_fraction must lie strictly between 0 and 1, got 1.0"),

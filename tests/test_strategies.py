@@ -66,19 +66,13 @@ def test_resolve_optim_rejects_bad_choices() -> None:
 
 def test_resolve_preprocessing() -> None:
     prep = Preprocessing(224, 256, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic")
-    extract = resolve_preprocessing("extract", prep, None)
-    assert extract.input_size == 256  # 224 * 1.15 = 257.6, rounded to a multiple of 32
-    assert extract.resize_size == math.floor(256 / (224 / 256)) == 292  # same crop ratio as the weights'
-    assert (extract.mean, extract.std, extract.interpolation) == (prep.mean, prep.std, prep.interpolation)
-    assert (
-        resolve_preprocessing("extract", Preprocessing(64, 72, (0.5,) * 3, (0.5,) * 3, "bilinear"), None).input_size
-        == 64
-    )
-    assert resolve_preprocessing("finetune", prep, None) is prep
-    assert resolve_preprocessing("scratch", prep, None) is prep
-    explicit = resolve_preprocessing("finetune", prep, 160)
-    assert explicit.input_size == 160 and explicit.resize_size == math.floor(160 * 256 / 224)
-    assert resolve_preprocessing("extract", prep, 224) is prep  # an explicit size wins over the extract scale
+    for strategy in ("auto", "extract", "finetune", "scratch"):
+        assert resolve_preprocessing(strategy, prep, None, mirror=False) == prep  # the weights' own size
+    assert resolve_preprocessing("auto", prep, None, mirror=True).mirror
+    assert not resolve_preprocessing("finetune", prep, None, mirror=True).mirror  # only frozen features mirror
+    explicit = resolve_preprocessing("finetune", prep, 160, mirror=False)
+    assert explicit.input_size == 160 and explicit.resize_size == math.floor(160 * 256 / 224)  # same crop ratio
+    assert (explicit.mean, explicit.std, explicit.interpolation) == (prep.mean, prep.std, prep.interpolation)
 
 
 def test_param_groups_finetune() -> None:

@@ -37,7 +37,7 @@ from headstart.hardware import decode_workers, launch_rank, pick_device, resolve
 from headstart.insight.audit import quick_audit
 from headstart.insight.metrics import classification_metrics
 from headstart.insight.predictor import load
-from headstart.models.backbones import Backbone, create_backbone
+from headstart.models.backbones import Backbone, create_backbone, ensemble_members
 from headstart.models.classifier import (
     Classifier,
     classifier_tensors,
@@ -51,7 +51,6 @@ from headstart.training.objectives import Classification
 from headstart.training.strategies import (
     FROZEN,
     apply_bn_policy,
-    input_size_rule,
     param_groups,
     resolve_model,
     resolve_optim,
@@ -182,7 +181,7 @@ def train(
     run_dir = Path(str(config.run.out)) if _resume else new_run_dir(config.run.out, name, config.run.overwrite, is_main)
     cache_root = default_cache_root(config.run.cache_dir)
     dataset = _load_data(config, run_dir, cache_root, is_main)
-    backbone, size_rule = _backbone(config, cache_root, dataset)
+    backbone, size_rule = _backbone(config, cache_root)
     if is_main and not _resume:
         cfg.save_yaml(config, run_dir / "config.yaml")
     meta = _meta(config, dataset, precision)
@@ -234,7 +233,7 @@ def _load_data(config: TrainConfig, run_dir: Path, cache_root: Path, is_main: bo
     return dataset
 
 
-def _backbone(config: TrainConfig, cache_root: Path, dataset: Dataset) -> tuple[Backbone | PreparedBackbone, str]:
+def _backbone(config: TrainConfig, cache_root: Path) -> tuple[Backbone | PreparedBackbone, str]:
     """The strategy's backbone with its preprocessing, and why its input size; frozen strategies get the stored
     description, which builds no network when every feature is in the cache."""
     assert config.model.backbone is not None  # resolve_config chose one
@@ -245,19 +244,16 @@ def _backbone(config: TrainConfig, cache_root: Path, dataset: Dataset) -> tuple[
         backbone = create_backbone(
             config.model.backbone, pretrained=config.strategy != "scratch", weights=config.model.weights
         )
-    side = median_side(dataset)
-    rule = "given" if config.model.input_size else input_size_rule(config.strategy, backbone.preprocessing.input_size,
-                                                                    side)[1]  # fmt: skip
     backbone.preprocessing = resolve_preprocessing(
-        config.strategy, backbone.preprocessing, config.model.input_size, bool(config.model.mirror), source_side=side
+        config.strategy, backbone.preprocessing, config.model.input_size, bool(config.model.mirror)
     )
+    if config.model.input_size:
+        rule = "given"
+    elif len(ensemble_members(backbone.name)) > 1:
+        rule = "the largest member's own size; each member sees the crop resized to its own"
+    else:
+        rule = "the weights' own size"
     return backbone, rule
-
-
-def median_side(dataset: Dataset) -> float | None:
-    """The median shorter side of the training images, in pixels (None when the scan recorded no sizes)."""
-    sides = [min(r.width, r.height) for r in dataset.train if r.width > 0 and r.height > 0]
-    return float(np.median(sides)) if sides else None
 
 
 def _meta(config: TrainConfig, dataset: Dataset, precision: str) -> dict[str, Any]:
