@@ -17,6 +17,7 @@ from headstart.config import ModelConfig
 from headstart.data.transforms import Preprocessing
 from headstart.errors import BackboneError
 from headstart.models.backbones import create_backbone
+from headstart.models.classifier import load_classifier
 from headstart.models.heads import fit_logistic, predict_proba
 from headstart.training.strategies import BACKBONES, resolve_model
 
@@ -91,7 +92,8 @@ def test_head_scaling_auto_is_chosen_by_cross_validation() -> None:
 
 def test_strategies_fill_backbone_and_mirror() -> None:
     assert resolve_model("auto", ModelConfig()).backbone == BACKBONES["auto"]
-    assert resolve_model("auto", ModelConfig()).mirror is True
+    assert resolve_model("auto", ModelConfig()).mirror is False  # measured no better on the suite (strategies.MIRROR)
+    assert resolve_model("auto", ModelConfig(mirror=True)).mirror is True
     assert resolve_model("extract", ModelConfig()).mirror is False
     assert resolve_model("finetune", ModelConfig(backbone="resnet50")).backbone == "resnet50"
     with pytest.raises(ValueError, match="frozen features"):
@@ -102,7 +104,7 @@ def test_auto_run_records_its_recipe_and_predicts_what_it_validated(
     image_folder: Path, tiny_weights: Path, tmp_path: Path
 ) -> None:
     result = headstart.train(
-        image_folder, backbone="tiny_cnn", weights=str(tiny_weights), out=str(tmp_path / "run"),
+        image_folder, backbone="tiny_cnn", weights=str(tiny_weights), mirror=True, out=str(tmp_path / "run"),
         cache_dir=str(tmp_path / "cache"), precision="fp32", num_workers=0,
         **{"run.report": False, "run.audit": False},
     )  # fmt: skip
@@ -115,3 +117,28 @@ def test_auto_run_records_its_recipe_and_predicts_what_it_validated(
     # the saved model (mirror inside its forward) gives the validation metrics the head was chosen on
     metrics = headstart.load(tmp_path / "run").evaluate(image_folder)
     assert metrics["accuracy"] == pytest.approx(result.metrics["accuracy"], abs=1e-9)
+
+
+def test_frozen_model_is_served_from_the_feature_cache(
+    image_folder: Path, tiny_weights: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from headstart.insight import predictor
+
+    monkeypatch.setenv("HEADSTART_CACHE", str(tmp_path / "cache"))
+    result = headstart.train(
+        image_folder, strategy="extract", backbone="tiny_cnn", weights=str(tiny_weights), out=str(tmp_path / "run"),
+        precision="fp32", num_workers=0, **{"run.report": False, "run.audit": False},
+    )  # fmt: skip
+    built = []
+    monkeypatch.setattr(predictor, "load_classifier", lambda run: built.append(run) or load_classifier(run))
+    cached = headstart.load(tmp_path / "run").evaluate(image_folder)
+    assert built == []  # every feature came from the cache: no network was built
+    assert cached["accuracy"] == pytest.approx(result.metrics["accuracy"], abs=1e-9)
+    monkeypatch.setenv("HEADSTART_CACHE", str(tmp_path / "empty"))
+    model = headstart.load(tmp_path / "run")
+    computed = model.evaluate(image_folder)
+    assert len(built) == 1  # an empty cache: the model's own network ran
+    np.testing.assert_allclose(computed["confusion_matrix"], cached["confusion_matrix"])
+    probs, _ = model.predict_proba(sorted((image_folder / "val").rglob("*.png")))
+    direct = torch.softmax(model.classifier(torch.zeros(1, 3, 64, 64)), 1)  # the network still answers directly
+    assert probs.shape[1] == direct.shape[1] == 2

@@ -20,7 +20,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--strategy",
         choices=["auto", "extract", "finetune", "scratch"],
-        help="default auto: frozen features of the three bundled backbones with mirrored views, head chosen by CV",
+        help="default auto: frozen features of the three bundled backbones side by side, head chosen by CV",
     )
     p.add_argument(
         "--backbone",
@@ -35,7 +35,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "--mirror",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="average each image's frozen features with its mirror image's (default: on for auto, off otherwise)",
+        help="average each image's frozen features with its mirror image's (twice the cost; default off)",
     )
     p.add_argument("--val-fraction", type=float, help="held-out share when the data has no val/ folder (0.2)")
     p.add_argument("--class-weights", choices=["none", "auto"], help="auto: weight the loss by inverse frequency")

@@ -11,15 +11,19 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 
 from headstart.data.scan import Dataset, ImageRecord, collect_files, load_dataset
 from headstart.data.transforms import Preprocessing
 from headstart.errors import DataError
 from headstart.features.embeddings import embed
 from headstart.features.inference import Outputs, run_model
+from headstart.files import default_cache_root
 from headstart.hardware import pick_device, resolve_precision
 from headstart.insight.metrics import classification_metrics
-from headstart.models.classifier import Classifier, load_classifier
+from headstart.models.backbones import Backbone, fingerprint_tensors
+from headstart.models.classifier import Classifier, head_from_tensors, load_classifier, read_model_info
+from headstart.models.prepared import PreparedBackbone
 
 
 @dataclass
@@ -33,10 +37,15 @@ class Prediction:
 
 
 class Model:
-    """A trained classifier loaded from its run folder."""
+    """A trained classifier loaded from its run folder.
 
-    def __init__(self, classifier: Classifier, info: dict[str, Any], run_dir: Path):
-        self.classifier = classifier
+    A model whose backbone stayed frozen (``auto``, ``extract``) is served from the feature cache where it can: its
+    backbone is the pretrained one, so the features its training computed (keyed by the weights' fingerprint,
+    preprocessing and precision) are its own, and only the head runs. The network is built on first need.
+    """
+
+    def __init__(self, classifier: Classifier | None, info: dict[str, Any], run_dir: Path):
+        self._classifier = classifier
         self.info = info
         self.run_dir = run_dir
         self.classes: list[str] = list(info["classes"])
@@ -44,18 +53,47 @@ class Model:
         saved = str(info.get("precision", "fp32"))
         # Use the precision the model was validated with, where this machine runs it natively.
         self.precision = saved if resolve_precision("auto", self.device) == "bf16" else "fp32"
-        self.classifier.to(self.device)
+        if classifier is not None:
+            classifier.to(self.device)
+
+    @property
+    def classifier(self) -> Classifier:
+        """The network, built from the run folder on first use."""
+        if self._classifier is None:
+            self._classifier = load_classifier(self.run_dir)[0].to(self.device)
+        return self._classifier
 
     @property
     def preprocessing(self) -> Preprocessing:
         """The preprocessing stored with the model."""
-        return self.classifier.backbone.preprocessing
+        return Preprocessing.from_dict(self.info["preprocessing"])
 
     def _run(self, items: list[ImageRecord] | list[Path], batch_size: int) -> Outputs:
+        if self.info.get("frozen_backbone"):
+            return self._run_head(items, batch_size)
         return run_model(
             self.classifier, items, self.preprocessing, len(self.classes), batch_size=batch_size,
             precision=self.precision, device=self.device, description="predicting",
         )  # fmt: skip
+
+    def _run_head(self, items: list[ImageRecord] | list[Path], batch_size: int) -> Outputs:
+        """Logits of a frozen-backbone model: cached (or computed and cached) features, then the head."""
+        tensors = load_file(str(self.run_dir / "model.safetensors"))
+        features = embed(self._feature_backbone(tensors), items, batch_size=batch_size, precision=self.precision,
+                         device=self.device, description="predicting")  # fmt: skip
+        head = head_from_tensors(self.info, tensors)
+        with torch.inference_mode():
+            logits = head(torch.from_numpy(features.features).float()).numpy()
+        values = np.zeros((len(items), len(self.classes)), dtype=np.float32)
+        values[features.index] = logits
+        ok = np.zeros(len(items), dtype=bool)
+        ok[features.index] = True
+        return Outputs(values, ok, features.failed)
+
+    def _feature_backbone(self, tensors: dict[str, torch.Tensor]) -> SavedBackbone:
+        return SavedBackbone(
+            self, {k.removeprefix("backbone."): v for k, v in tensors.items() if k.startswith("backbone.")}
+        )
 
     def predict_proba(self, items: list[ImageRecord] | list[Path], batch_size: int = 32) -> tuple[np.ndarray, Outputs]:
         """Class probabilities [N_ok, C] for the images that decoded, and the raw outputs (with ``ok``, ``failed``)."""
@@ -91,12 +129,44 @@ class Model:
 
     def _dataset(self, data: str | Path) -> Dataset:
         config = self.info.get("config", {}).get("data", {})
-        return load_dataset(data, float(config.get("val_fraction", 0.2)), int(config.get("split_seed", 0)))
+        return load_dataset(
+            data, float(config.get("val_fraction", 0.2)), int(config.get("split_seed", 0)), default_cache_root()
+        )
 
     def embed(self, inputs: list[Path], batch_size: int = 32) -> np.ndarray:
         """Backbone features of images (the model's own embedding space)."""
-        result = embed(self.classifier.backbone, inputs, batch_size=batch_size, precision=self.precision)
-        return result.features
+        if self.info.get("frozen_backbone"):
+            backbone: Backbone | SavedBackbone = self._feature_backbone(
+                load_file(str(self.run_dir / "model.safetensors"))
+            )
+        else:
+            backbone = self.classifier.backbone
+        return embed(backbone, inputs, batch_size=batch_size, precision=self.precision).features
+
+
+class SavedBackbone(PreparedBackbone):
+    """The frozen backbone of a saved model, described from its files: feature-cache lookups need no network; one is
+    built (the model's own) only for images not in the cache."""
+
+    def __init__(self, model: Model, tensors: dict[str, torch.Tensor]):
+        info = model.info
+        meta = {
+            "num_features": str(info["num_features"]),
+            "preprocessing": json.dumps(info["preprocessing"]),
+            "weights_source": str(info.get("weights_source", "")),
+            "fingerprint": fingerprint_tensors(str(info["backbone"]), tensors),
+        }
+        super().__init__(model.run_dir / "model.safetensors", str(info["backbone"]), None, meta)
+        self._model = model
+        self._tensors = tensors
+
+    def network(self) -> Backbone:
+        """The model's own backbone (built from the run folder)."""
+        return self._model.classifier.backbone
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The backbone's tensors as saved."""
+        return self._tensors
 
 
 def top_classes(probs: np.ndarray, classes: Sequence[str], k: int) -> list[list[tuple[str, float]]]:
@@ -123,7 +193,13 @@ def class_mapping(dataset: Dataset, classes: Sequence[str], model: str = "the mo
 
 
 def load(run: str | Path) -> Model:
-    """Load a trained model from its run folder (no download, no code execution)."""
+    """Load a trained model from its run folder (no download, no code execution); a frozen-backbone model builds its
+    network only when an image is not in the feature cache."""
+    info = read_model_info(Path(run))
+    if info.get("kind") != "classifier":
+        raise ValueError(f"{run} holds a {info.get('kind')!r} model, not a classifier")
+    if info.get("frozen_backbone"):
+        return Model(None, info, Path(run))
     classifier, info = load_classifier(Path(run))
     return Model(classifier, info, Path(run))
 

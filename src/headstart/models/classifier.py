@@ -167,13 +167,21 @@ def load_classifier(folder: Path) -> tuple[Classifier, dict[str, Any]]:
     state = load_file(str(folder / "model.safetensors"))
     backbone = create_backbone(info["backbone"], pretrained=False)
     backbone.preprocessing = Preprocessing.from_dict(info["preprocessing"])
-    head: nn.Module | None = None
-    if info["head"]["type"] == "knn":
-        head = KNNHead(state["head.bank"], state["head.labels"], info["num_classes"], k=int(info["head"]["k"]))
+    head = head_from_tensors(info, state)
     model = Classifier(backbone, info["num_classes"], info.get("drop_rate", 0.0), head=head)
     model.load_state_dict(state, strict=True)
     model.eval()
     return model, info
+
+
+def head_from_tensors(info: dict[str, Any], state: dict[str, torch.Tensor]) -> nn.Module:
+    """A saved classifier's head, rebuilt from its ``head.*`` tensors and ``model.json``."""
+    if info["head"]["type"] == "knn":
+        return KNNHead(state["head.bank"], state["head.labels"], info["num_classes"], k=int(info["head"]["k"]))
+    weight = state["head.weight"]
+    head = nn.Linear(weight.shape[1], weight.shape[0])
+    head.load_state_dict({"weight": weight, "bias": state["head.bias"]})
+    return head.eval()
 
 
 def _run_backbone(folder: str) -> Backbone:

@@ -279,7 +279,8 @@ def _save_frozen(
     num_classes = len(meta["classes"])
     info = baseline.pop("head_info")
     tensors = classifier_tensors(backbone.state_dict(), head)
-    summary = {**meta, "val_metrics": _summary(baseline), "recipe": info.get("recipe")}
+    # frozen_backbone: the saved backbone is the pretrained one, so loading can serve its features from the cache
+    summary = {**meta, "val_metrics": _summary(baseline), "recipe": info.get("recipe"), "frozen_backbone": True}
     write_classifier(run_dir, backbone, tensors, head, num_classes, config.model.drop_rate, summary)
     network = backbone if isinstance(backbone, Backbone) else backbone.built
     if network is not None:
