@@ -73,7 +73,7 @@ def test_choose_c_prefers_strong_regularisation_on_noise() -> None:
     rng = np.random.default_rng(0)
     noise = rng.normal(size=(60, 200)).astype(np.float32)
     c, accs = choose_c(noise, rng.integers(0, 2, 60))
-    assert c == min(C_GRID) and set(accs) == set(C_GRID)
+    assert c == min(C_GRID) and set(accs) < set(C_GRID)  # the loss rose twice past the minimum: search stopped
     separable = rng.normal(size=(200, 5)).astype(np.float32)
     c, accs = choose_c(separable, (separable[:, 0] > 0).astype(int))
     assert c == 3.0 and accs[c] > 0.95  # a clean threshold: the weakest penalty fits it best

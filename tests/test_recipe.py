@@ -139,6 +139,6 @@ def test_frozen_model_is_served_from_the_feature_cache(
     computed = model.evaluate(image_folder)
     assert len(built) == 1  # an empty cache: the model's own network ran
     np.testing.assert_allclose(computed["confusion_matrix"], cached["confusion_matrix"])
-    probs, _ = model.predict_proba(sorted((image_folder / "val").rglob("*.png")))
+    probs, _ = model.predict_proba(sorted((image_folder / "val").rglob("*.jpg")))
     direct = torch.softmax(model.classifier(torch.zeros(1, 3, 64, 64)), 1)  # the network still answers directly
     assert probs.shape[1] == direct.shape[1] == 2

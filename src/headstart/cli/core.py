@@ -41,6 +41,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--class-weights", choices=["none", "auto"], help="auto: weight the loss by inverse frequency")
     p.add_argument("--head", choices=["logistic", "knn"], help="extract head (default logistic)")
     p.add_argument("--augment-views", type=int, help="augmented feature views per image for the extract head")
+    p.add_argument(
+        "--head-scaling",
+        choices=["feature", "global", "auto"],
+        help="feature scaling of the logistic head (default auto for frozen strategies: chosen by CV)",
+    )
     p.add_argument("--bn-policy", choices=["train", "frozen"], help="BatchNorm policy when fine-tuning")
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], help="default auto (bf16 where native)")
     p.add_argument("--seed", type=int, help="random seed (default 0)")
@@ -114,6 +119,7 @@ def _train(args: argparse.Namespace) -> int:
         class_weights=args.class_weights,
         head=args.head,
         augment_views=args.augment_views,
+        head_scaling=args.head_scaling,
         bn_policy=args.bn_policy,
         precision=args.precision,
         seed=args.seed,

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
@@ -25,6 +24,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from headstart.data.transforms import Preprocessing
+from headstart.files import installed_version
 from headstart.hardware import launch_rank
 from headstart.models.backbones import (
     TORCHVISION_PREFIX,
@@ -38,13 +38,6 @@ from headstart.models.weights import BUNDLED
 FORMAT = "1"  # bump when the stored layout or the key changes
 
 
-def _installed(package: str) -> str:
-    try:
-        return version(package)
-    except PackageNotFoundError:
-        return "none"
-
-
 def source_key(name: str, weights: str | None) -> str | None:
     """Identity of the pretrained backbone ``create_backbone(name, weights=weights)`` builds; None when not storable.
 
@@ -53,7 +46,7 @@ def source_key(name: str, weights: str | None) -> str | None:
     if ":" in name or (name == "tiny_cnn" and weights is None):
         return None
     library = "torchvision" if name.startswith(TORCHVISION_PREFIX) else "timm"
-    parts = [FORMAT, name, f"{library}={_installed(library)}"]
+    parts = [FORMAT, name, f"{library}={installed_version(library, missing='none')}"]  # "none": the key's old text
     if weights is not None:
         path = Path(weights).expanduser().resolve()
         try:

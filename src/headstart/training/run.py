@@ -68,6 +68,7 @@ ALIASES = {
     "lr": "optim.lr",
     "head": "optim.head",
     "augment_views": "optim.augment_views",
+    "head_scaling": "optim.head_scaling",
     "bn_policy": "optim.bn_policy",
     "out": "run.out",
     "overwrite": "run.overwrite",
