@@ -67,3 +67,13 @@ def test_finetune_default_reaches_target(hymenoptera: Path, tmp_path: Path) -> N
     rows = [json.loads(line) for line in (tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == list(range(6)) and rows[0]["phase"] == "head"
     assert all(r["train_images_per_s"] > 0 for r in rows[1:])
+
+
+def test_default_auto_recipe_on_ants_bees(hymenoptera: Path, tmp_path: Path) -> None:
+    result = headstart.train(hymenoptera, out=str(tmp_path / "auto"), cache_dir=str(tmp_path / "c"),
+                             **{"run.report": False})  # fmt: skip
+    info = json.loads((tmp_path / "auto" / "model.json").read_text())
+    assert info["strategy"] == "auto" and info["backbone"] == "+".join(f"efficientnet_lite{i}" for i in range(3))
+    assert info["num_features"] == 3 * 1280 and info["frozen_backbone"] is True
+    assert info["recipe"].startswith("auto: frozen efficientnet_lite0+efficientnet_lite1+efficientnet_lite2")
+    assert result.metrics["accuracy"] >= 0.95
