@@ -56,7 +56,7 @@ def main() -> None:
     dataset = load_dataset(args.data or hymenoptera())
     records = dataset.train + dataset.val
     backbone = create_backbone().eval().to(memory_format=torch.channels_last)
-    backbone.preprocessing = resolve_preprocessing("extract", backbone.preprocessing, args.input_size)
+    backbone.preprocessing = resolve_preprocessing("extract", backbone.preprocessing, args.input_size, mirror=False)
     prep = backbone.preprocessing
     precision = resolve_precision(args.precision, pick_device())
     print(f"{len(records)} images, {prep.input_size}px, batch {args.batch_size}, {precision}, "

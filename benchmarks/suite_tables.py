@@ -1,6 +1,9 @@
 """Print the README's dev-suite tables (Markdown) from the JSON that ``benchmarks/suite.py`` wrote, so the two agree.
 
-    python benchmarks/suite_tables.py benchmarks/results/suite_cpu.json
+    python benchmarks/suite_tables.py benchmarks/results/suite_cpu.json [more.json ...]
+
+Several files are read as one: the first file's probe is the reference; a later file's variants keep their accuracy
+and have their time compared with the probe timed in their own run.
 
 The first table has one row per set and the main variants; the second, the ablation: every variant's mean gap to the
 probe over the five dev-suite sets (ants/bees apart, where one val image is 0.65 points) and its time.
@@ -77,11 +80,29 @@ def ablation_table(data: dict[str, Any], sets: tuple[str, ...] = DEV_SUITE) -> s
     return "\n".join(lines)
 
 
+def merge(files: list[dict[str, Any]]) -> dict[str, Any]:
+    """One result set from several: the first file's runs, then each later file's variants other than the probe.
+    Accuracy is absolute, so theirs compares with the first file's probe as it is; time is compared with the probe
+    timed in the same file (the ratio is carried over onto the first file's probe)."""
+    base = [dict(r) for r in files[0]["runs"]]
+    probes = {r["set"]: r for r in base if r["variant"] == "probe" and r.get("ok")}
+    for other in files[1:]:
+        own = {r["set"]: r for r in other["runs"] if r["variant"] == "probe" and r.get("ok")}
+        for run in other["runs"]:
+            if run["variant"] == "probe" or not run.get("ok") or run["set"] not in own or run["set"] not in probes:
+                continue
+            mine, first = own[run["set"]], probes[run["set"]]
+            moved = dict(run)
+            moved["seconds"] = first["seconds"] * run["seconds"] / mine["seconds"]
+            base.append(moved)
+    return {"runs": base}
+
+
 def main() -> None:
     """Print both tables."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("json", type=Path, help="suite.py's --out file")
-    data = json.loads(parser.parse_args().json.read_text())
+    parser.add_argument("json", type=Path, nargs="+", help="suite.py's --out files")
+    data = merge([json.loads(path.read_text()) for path in parser.parse_args().json])
     print(per_set_table(data), end="\n\n")
     print(ablation_table(data))
     print()

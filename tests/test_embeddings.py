@@ -158,7 +158,7 @@ def test_head_on_cached_features_matches_saved_model(
     assert train.computed == 0 and val.computed == 0  # the run filled the cache with exactly these features
     head_info = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
     labels = np.array([r.label for r in dataset.train])
-    head, _ = fit_logistic(train.features, labels, len(dataset.classes), c=head_info["C"])
+    head, _ = fit_logistic(train.features, labels, len(dataset.classes), c=head_info["C"], scaling=head_info["scaling"])
     ours = predict_proba(head, val.features)
     theirs, outputs = model.predict_proba(dataset.val, batch_size=8)
     assert outputs.ok.all() and theirs.shape == ours.shape == (len(dataset.val), 2)

@@ -11,6 +11,11 @@ from typing import Any
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     """Add the train, evaluate, predict, backbones, embed, cache and demo sub-parsers."""
+    _add_train_parser(sub)
+    _add_other_parsers(sub)
+
+
+def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a classifier on a folder of labelled images")
     p.add_argument(
         "data", nargs="?", help="dataset folder (train/ and val/, or class folders) or CSV manifest (path,label)"
@@ -58,6 +63,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-report", action="store_true", help="skip report.html (rebuild later: headstart report RUN)")
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the network (GPU speed)")
 
+
+def _add_other_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="metrics of a trained model on a labelled split")
     p.add_argument("run", help="run folder of a trained model")
     p.add_argument("data", help="dataset folder or CSV manifest")
