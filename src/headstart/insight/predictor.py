@@ -39,9 +39,9 @@ class Prediction:
 class Model:
     """A trained classifier loaded from its run folder.
 
-    A model whose backbone stayed frozen (``auto``, ``extract``) is served from the feature cache where it can: its
-    backbone is the pretrained one, so the features its training computed (keyed by the weights' fingerprint,
-    preprocessing and precision) are its own, and only the head runs. The network is built on first need.
+    A model whose backbone stayed frozen (``auto``, ``extract``) evaluates from the feature cache: its backbone is the
+    pretrained one, so the features its training computed (keyed by the weights' fingerprint, preprocessing and
+    precision) are its own, and only the head runs. Its network is built on first need (new images, the report).
     """
 
     def __init__(self, classifier: Classifier | None, info: dict[str, Any], run_dir: Path):
@@ -68,8 +68,8 @@ class Model:
         """The preprocessing stored with the model."""
         return Preprocessing.from_dict(self.info["preprocessing"])
 
-    def _run(self, items: list[ImageRecord] | list[Path], batch_size: int) -> Outputs:
-        if self.info.get("frozen_backbone"):
+    def _run(self, items: list[ImageRecord] | list[Path], batch_size: int, from_cache: bool = False) -> Outputs:
+        if from_cache and self.info.get("frozen_backbone"):
             return self._run_head(items, batch_size)
         return run_model(
             self.classifier, items, self.preprocessing, len(self.classes), batch_size=batch_size,
@@ -95,9 +95,15 @@ class Model:
             self, {k.removeprefix("backbone."): v for k, v in tensors.items() if k.startswith("backbone.")}
         )
 
-    def predict_proba(self, items: list[ImageRecord] | list[Path], batch_size: int = 32) -> tuple[np.ndarray, Outputs]:
-        """Class probabilities [N_ok, C] for the images that decoded, and the raw outputs (with ``ok``, ``failed``)."""
-        out = self._run(items, batch_size)
+    def predict_proba(
+        self, items: list[ImageRecord] | list[Path], batch_size: int = 32, from_cache: bool = False
+    ) -> tuple[np.ndarray, Outputs]:
+        """Class probabilities [N_ok, C] for the images that decoded, and the raw outputs (with ``ok``, ``failed``).
+
+        ``from_cache``: a frozen-backbone model reads (and fills) the feature cache and runs only its head; for
+        labelled sets that training already saw, not for a stream of new images, which would fill the cache.
+        """
+        out = self._run(items, batch_size, from_cache)
         logits = torch.from_numpy(out.values[out.ok])
         return torch.softmax(logits, dim=1).numpy(), out
 
@@ -121,7 +127,7 @@ class Model:
         if not records:
             raise DataError(f"{dataset.root} has no {split} images")
         mapping = class_mapping(dataset, self.classes)
-        probs, out = self.predict_proba(records, batch_size)
+        probs, out = self.predict_proba(records, batch_size, from_cache=True)
         labels = np.array([mapping[records[i].label] for i in np.flatnonzero(out.ok)])
         metrics = classification_metrics(labels, probs, self.classes)
         metrics["skipped"] = [str(p) for p, _ in out.failed]
