@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from headstart.cli import audit, core, report, retrieval, serve
+from headstart.hardware import launch_rank
 
 # Command groups in help order; each adds its sub-parsers and names its handlers, and imports nothing from here.
 GROUPS = (core, report, retrieval, audit, serve)
@@ -57,7 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _rank_label() -> str:
     """`` (rank R of N)`` under a multi-process launch, where every rank prints to the same terminal; else empty."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    return f" (rank {os.environ.get('RANK', '0')} of {world})" if world > 1 else ""
+    return f" (rank {launch_rank()} of {world})" if world > 1 else ""
 
 
 def run(argv: Sequence[str] | None = None) -> Any:

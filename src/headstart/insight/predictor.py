@@ -46,6 +46,7 @@ class Model:
 
     def __init__(self, classifier: Classifier | None, info: dict[str, Any], run_dir: Path):
         self._classifier = classifier
+        self._saved: SavedBackbone | None = None
         self.info = info
         self.run_dir = run_dir
         self.classes: list[str] = list(info["classes"])
@@ -78,10 +79,10 @@ class Model:
 
     def _run_head(self, items: list[ImageRecord] | list[Path], batch_size: int) -> Outputs:
         """Logits of a frozen-backbone model: cached (or computed and cached) features, then the head."""
-        tensors = load_file(str(self.run_dir / "model.safetensors"))
-        features = embed(self._feature_backbone(tensors), items, batch_size=batch_size, precision=self.precision,
-                         device=self.device, description="predicting")  # fmt: skip
-        head = head_from_tensors(self.info, tensors)
+        backbone = self._feature_backbone()
+        features = embed(backbone, items, batch_size=batch_size, precision=self.precision, device=self.device,
+                         description="predicting")  # fmt: skip
+        head = head_from_tensors(self.info, backbone.saved)
         with torch.inference_mode():
             logits = head(torch.from_numpy(features.features).float()).numpy()
         values = np.zeros((len(items), len(self.classes)), dtype=np.float32)
@@ -90,10 +91,11 @@ class Model:
         ok[features.index] = True
         return Outputs(values, ok, features.failed)
 
-    def _feature_backbone(self, tensors: dict[str, torch.Tensor]) -> SavedBackbone:
-        return SavedBackbone(
-            self, {k.removeprefix("backbone."): v for k, v in tensors.items() if k.startswith("backbone.")}
-        )
+    def _feature_backbone(self) -> SavedBackbone:
+        """The frozen backbone described from the run folder (read and fingerprinted once per loaded model)."""
+        if self._saved is None:
+            self._saved = SavedBackbone(self, load_file(str(self.run_dir / "model.safetensors")))
+        return self._saved
 
     def predict_proba(
         self, items: list[ImageRecord] | list[Path], batch_size: int = 32, from_cache: bool = False
@@ -142,9 +144,7 @@ class Model:
     def embed(self, inputs: list[Path], batch_size: int = 32) -> np.ndarray:
         """Backbone features of images (the model's own embedding space)."""
         if self.info.get("frozen_backbone"):
-            backbone: Backbone | SavedBackbone = self._feature_backbone(
-                load_file(str(self.run_dir / "model.safetensors"))
-            )
+            backbone: Backbone | SavedBackbone = self._feature_backbone()
         else:
             backbone = self.classifier.backbone
         return embed(backbone, inputs, batch_size=batch_size, precision=self.precision).features
@@ -154,8 +154,9 @@ class SavedBackbone(PreparedBackbone):
     """The frozen backbone of a saved model, described from its files: feature-cache lookups need no network; one is
     built (the model's own) only for images not in the cache."""
 
-    def __init__(self, model: Model, tensors: dict[str, torch.Tensor]):
+    def __init__(self, model: Model, saved: dict[str, torch.Tensor]):
         info = model.info
+        tensors = {k.removeprefix("backbone."): v for k, v in saved.items() if k.startswith("backbone.")}
         meta = {
             "num_features": str(info["num_features"]),
             "preprocessing": json.dumps(info["preprocessing"]),
@@ -165,6 +166,7 @@ class SavedBackbone(PreparedBackbone):
         super().__init__(model.run_dir / "model.safetensors", str(info["backbone"]), None, meta)
         self._model = model
         self._tensors = tensors
+        self.saved = saved  # every tensor of the model file, the head's too
 
     def network(self) -> Backbone:
         """The model's own backbone (built from the run folder)."""

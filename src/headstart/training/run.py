@@ -182,7 +182,7 @@ def train(
     run_dir = Path(str(config.run.out)) if _resume else new_run_dir(config.run.out, name, config.run.overwrite, is_main)
     cache_root = default_cache_root(config.run.cache_dir)
     dataset = _load_data(config, run_dir, cache_root, is_main)
-    backbone, size_rule = _backbone(config, cache_root)
+    backbone = _backbone(config, cache_root)
     if is_main and not _resume:
         cfg.save_yaml(config, run_dir / "config.yaml")
     meta = _meta(config, dataset, precision)
@@ -190,7 +190,7 @@ def train(
     head, baseline = None, None
     if config.strategy != "scratch" and not _resume:  # a resumed run's head is in its checkpoint
         # Under a multi-process launch every rank embeds its share of the images; each then fits the (same) head.
-        head, baseline = _fit_head(backbone, dataset, config, precision, device, is_main, size_rule)
+        head, baseline = _fit_head(backbone, dataset, config, precision, device, is_main)
     if not is_main and accelerator is None:
         return result  # frozen features: rank 0 writes the run folder
     if config.strategy in FROZEN and head is not None and baseline is not None:
@@ -234,9 +234,9 @@ def _load_data(config: TrainConfig, run_dir: Path, cache_root: Path, is_main: bo
     return dataset
 
 
-def _backbone(config: TrainConfig, cache_root: Path) -> tuple[Backbone | PreparedBackbone, str]:
-    """The strategy's backbone with its preprocessing, and why its input size; frozen strategies get the stored
-    description, which builds no network when every feature is in the cache."""
+def _backbone(config: TrainConfig, cache_root: Path) -> Backbone | PreparedBackbone:
+    """The strategy's backbone with its preprocessing; frozen strategies get the stored description, which builds no
+    network when every feature is in the cache."""
     assert config.model.backbone is not None  # resolve_config chose one
     backbone: Backbone | PreparedBackbone
     if config.strategy in FROZEN:
@@ -248,13 +248,7 @@ def _backbone(config: TrainConfig, cache_root: Path) -> tuple[Backbone | Prepare
     backbone.preprocessing = resolve_preprocessing(
         config.strategy, backbone.preprocessing, config.model.input_size, bool(config.model.mirror)
     )
-    if config.model.input_size:
-        rule = "given"
-    elif len(ensemble_members(backbone.name)) > 1:
-        rule = "the largest member's own size; each member sees the crop resized to its own"
-    else:
-        rule = "the weights' own size"
-    return backbone, rule
+    return backbone
 
 
 def _meta(config: TrainConfig, dataset: Dataset, precision: str) -> dict[str, Any]:
@@ -346,7 +340,7 @@ def _class_weights(dataset: Dataset, mode: str) -> tuple[float, ...] | None:
 
 def _fit_head(
     backbone: Backbone | PreparedBackbone, dataset: Dataset, config: TrainConfig, precision: str, device: torch.device,
-    show: bool, size_rule: str = "",
+    show: bool,
 ) -> tuple[torch.nn.Module, dict[str, Any]]:  # fmt: skip
     """Train a new head on cached frozen features; returns it and its validation metrics (epoch 0), whose
     ``head_info`` says what was chosen (``recipe``: one readable line)."""
@@ -369,7 +363,7 @@ def _fit_head(
         info = {"head": "logistic", **fitted}
     info["head_seconds"] = round(time.perf_counter() - tic, 3)
     info["feature_cache_hits"] = hits
-    info["recipe"] = recipe_line(config, backbone, info, size_rule)
+    info["recipe"] = recipe_line(config, backbone, info)
     val_features, val_labels = val_set
     probs = predict_proba(head, val_features)
     metrics = classification_metrics(val_labels, probs, dataset.classes)
@@ -418,23 +412,31 @@ def _head_features(
     return (features, labels, groups), (va.features, val_labels), both.hits
 
 
-def recipe_line(
-    config: TrainConfig, backbone: Backbone | PreparedBackbone, info: dict[str, Any], size_rule: str = ""
-) -> str:
+def recipe_line(config: TrainConfig, backbone: Backbone | PreparedBackbone, info: dict[str, Any]) -> str:
     """One readable line: what the frozen-feature recipe decided, and why."""
     prep = backbone.preprocessing
-    size = f"{prep.input_size} px ({size_rule})" if size_rule else f"{prep.input_size} px"
+    if config.model.input_size:
+        size = "given"
+    elif len(ensemble_members(backbone.name)) > 1:
+        size = "the largest member's own size; each member sees the crop resized to its own"
+    else:
+        size = "the weights' own size"
     views = "each image's features averaged with its mirror image's" if prep.mirror else "one centre view"
-    chosen = "chosen by 5-fold cross-validation on the training split"
     if info.get("head") == "knn":
         head = f"kNN head, k={info.get('k')}"
     else:
-        fixed = config.optim.head_c is not None
+        # what cross-validation on the training split chose, and what was set beforehand
+        chosen = ["C"] if config.optim.head_c is None else []
+        chosen += ["the feature scaling"] if config.optim.head_scaling == "auto" else []
         head = (
-            f"logistic head, C={info.get('C')}{' (given)' if fixed else ''} and {info.get('scaling')} feature "
-            f"scaling {chosen}" + (f" (CV accuracy {info['cv_accuracy']:.3f})" if "cv_accuracy" in info else "")
+            f"logistic head, C={info.get('C')}, {info.get('scaling')} feature scaling"
+            + (f"; {' and '.join(chosen)} chosen by cross-validation on the training split" if chosen else "")
+            + (f" (CV accuracy {info['cv_accuracy']:.3f})" if "cv_accuracy" in info else "")
         )
-    return f"{config.strategy}: frozen {backbone.name} features ({backbone.num_features}) at {size}, {views}; {head}"
+    return (
+        f"{config.strategy}: frozen {backbone.name} features ({backbone.num_features}) at {prep.input_size} px "
+        f"({size}), {views}; {head}"
+    )
 
 
 def _fit_network(
