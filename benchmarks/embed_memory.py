@@ -1,7 +1,11 @@
-"""Peak memory of `headstart embed` over 10,000 images (generated from the ants/bees photos by random crops and
-re-encoding, so every file is distinct), with the baseline of the same process embedding 100 images.
+"""Peak memory of `headstart embed` (or `headstart train`) over 10,000 images (generated from the ants/bees photos by
+random crops and re-encoding, so every file is distinct), with the baseline of the same process on 100 images.
 
     python benchmarks/embed_memory.py [--count 10000]
+    python benchmarks/embed_memory.py --command train --classes 100   # the default recipe on 100 classes
+
+With ``--command train`` the images are dealt round-robin into ``--classes`` class folders (the labels carry no
+signal: the figure is memory and time, not accuracy) and each run is ``headstart train`` with the default strategy.
 
 Memory of the whole process tree (the main process plus its worker processes), sampled every 0.1 s from /proc, two
 ways: the sum of resident sets (RSS), which counts every page shared between the forked workers and the main process
@@ -74,39 +78,48 @@ def peak_of(command: list[str]) -> tuple[float, float, float]:
     return peak_rss / 2**20, peak_pss / 2**20, time.perf_counter() - tic
 
 
-def generate(source: Path, out: Path, count: int) -> None:
+def generate(source: Path, out: Path, count: int, classes: int = 0) -> None:
+    """``count`` distinct crops of the ants/bees photos in ``out``, or in ``classes`` class folders under it."""
     photos = sorted(source.rglob("*.jpg"))
     rng = random.Random(0)
-    out.mkdir(parents=True, exist_ok=True)
+    for k in range(max(classes, 1)):
+        (out / f"class_{k:03d}" if classes else out).mkdir(parents=True, exist_ok=True)
     for i in range(count):
         with Image.open(photos[i % len(photos)]) as image:
             w, h = image.size
             side = rng.uniform(0.5, 1.0)
             box = (int(rng.uniform(0, w * (1 - side))), int(rng.uniform(0, h * (1 - side))))
             crop = image.convert("RGB").crop((box[0], box[1], box[0] + int(w * side), box[1] + int(h * side)))
-            crop.save(out / f"img_{i:05d}.jpg", quality=rng.randint(80, 95))
+            folder = out / f"class_{i % classes:03d}" if classes else out
+            crop.save(folder / f"img_{i:05d}.jpg", quality=rng.randint(80, 95))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--count", type=int, default=10_000)
+    parser.add_argument("--command", choices=("embed", "train"), default="embed")
+    parser.add_argument("--classes", type=int, default=2, help="class folders for --command train")
     args = parser.parse_args()
+    classes = args.classes if args.command == "train" else 0
     from headstart.data.demo import hymenoptera
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         tic = time.perf_counter()
-        generate(hymenoptera(), root / "many", args.count)
-        generate(hymenoptera(), root / "few", 100)
+        generate(hymenoptera(), root / "many", args.count, classes)
+        generate(hymenoptera(), root / "few", max(100, 3 * classes), classes)
         print(f"generated {args.count} images in {time.perf_counter() - tic:.0f} s")
-        env_cmd = [sys.executable, "-m", "headstart", "embed", "--cache-dir", str(root / "cache"), "--out"]
+        env_cmd = [sys.executable, "-m", "headstart", args.command, "--cache-dir", str(root / "cache"), "--out"]
+        if args.command == "train":
+            env_cmd[-1:-1] = ["--no-report"]
         os.environ["HEADSTART_QUIET"] = "1"
         few_rss, few_pss, few_s = peak_of([*env_cmd, str(root / "e100"), str(root / "few")])
         many_rss, many_pss, many_s = peak_of([*env_cmd, str(root / "e10k"), str(root / "many")])
-    print(f"100 images:    peak PSS {few_pss:6.0f} MiB (RSS sum {few_rss:6.0f} MiB), {few_s:6.1f} s")
+    few = max(100, 3 * classes)
+    print(f"{few} images:    peak PSS {few_pss:6.0f} MiB (RSS sum {few_rss:6.0f} MiB), {few_s:6.1f} s")
     print(f"{args.count} images: peak PSS {many_pss:6.0f} MiB (RSS sum {many_rss:6.0f} MiB), {many_s:6.1f} s "
           f"({args.count / many_s:.1f} images/s)")  # fmt: skip
-    print(f"growth from 100 to {args.count} images: PSS {many_pss - few_pss:.0f} MiB")
+    print(f"growth from {few} to {args.count} images: PSS {many_pss - few_pss:.0f} MiB")
 
 
 if __name__ == "__main__":

@@ -69,6 +69,33 @@ def test_group_folds_keep_groups_together_and_stratify() -> None:
     assert [t.tolist() for _, t in group_folds(rows_labels, rows_groups, 5, seed=1)] != [t.tolist() for _, t in folds]
 
 
+def test_large_sets_cross_validate_on_a_stratified_subsample(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past CV_MAX_IMAGES, the folds cover a stratified subsample of images (every class, its views together) and the
+    final fit on every row still reaches the scikit-learn optimum at the chosen C."""
+    from headstart.models import heads
+
+    features, labels = blobs(600, 20, 3, seed=4)
+    groups = np.repeat(np.arange(300), 2)  # two views per image
+    labels = labels[groups]
+    splits = group_folds(labels, groups, 5, seed=0, max_groups=90)
+    covered = np.unique(np.concatenate([test for _, test in splits]))
+    images = np.unique(groups[covered])
+    assert abs(len(images) - 90) <= 3 and len(covered) == 2 * len(images)  # ~90 images (rounded per class), 2 views
+    for train_idx, test_idx in splits:
+        assert not set(groups[train_idx]) & set(groups[test_idx])
+        assert set(labels[test_idx]) == {0, 1, 2}
+    shares = np.bincount(labels[covered], minlength=3) / len(covered)
+    np.testing.assert_allclose(shares, np.bincount(labels, minlength=3) / len(labels), atol=0.02)
+
+    monkeypatch.setattr(heads, "CV_MAX_IMAGES", 90)
+    head, info = fit_logistic(features[groups], labels, 3, groups=groups, scaling="feature")
+    x = features[groups]
+    scaled = (x - x.mean(0)) / (x.std(0) + 1e-6)
+    reference = LogisticRegression(C=float(info["C"]), tol=1e-10, max_iter=10_000).fit(scaled, labels)
+    ours = predict_proba(head, x)
+    np.testing.assert_allclose(ours, reference.predict_proba(scaled), atol=2e-3)
+
+
 def test_choose_c_prefers_strong_regularisation_on_noise() -> None:
     rng = np.random.default_rng(0)
     noise = rng.normal(size=(60, 200)).astype(np.float32)
