@@ -264,6 +264,11 @@ def _check(path: Path, cache: ScanCache | None = None) -> tuple[ImageRecord | No
     return ImageRecord(path, -1, digest, width, height, mode, blank), None
 
 
+def unreadable_reason(path: Path) -> str:
+    """Why a file cannot be used, in the scan's words (for a file a batch had to drop); "cannot decode" if it now can."""
+    return _check(path)[1] or "cannot decode"
+
+
 def content_digest(data: bytes) -> str:
     """Identity of a file's bytes: the key of the feature cache and of duplicate detection."""
     return hashlib.blake2b(data, digest_size=16).hexdigest()
