@@ -191,9 +191,12 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if image.mode == "RGB":
         return image
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        array = np.asarray(image, dtype=np.float64)
-        top = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
-        return Image.fromarray(np.clip(array / top * 255.0, 0, 255).astype(np.uint8), "L").convert("RGB")
+        array = np.asarray(image)
+        if image.mode.startswith("I;16"):
+            grey = _SIXTEEN_TO_EIGHT[array]
+        else:
+            grey = _scaled_to_uint8(array, 65535.0 if array.max() > 255 else 255.0)
+        return Image.fromarray(grey, "L").convert("RGB")
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
@@ -201,6 +204,20 @@ def to_rgb(image: Image.Image) -> Image.Image:
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return image.convert("RGB")
+
+
+# 16-bit grey to 8 bits by one table lookup: scaling a whole 81-megapixel image in float64 took 16 s and 2 GB (a
+# 157 KB PNG). The table holds what that arithmetic gives, so the pixels are the same.
+_SIXTEEN_TO_EIGHT = (np.arange(65536, dtype=np.float64) / 65535.0 * 255.0).astype(np.uint8)
+
+
+def _scaled_to_uint8(array: np.ndarray, top: float) -> np.ndarray:
+    """``clip(array / top * 255)`` as uint8, a million pixels at a time (float64 copies of a whole large image would
+    take 0.7 GB each)."""
+    flat, out, step = array.reshape(-1), np.empty(array.size, dtype=np.uint8), 1 << 20
+    for start in range(0, flat.size, step):
+        out[start : start + step] = np.clip(flat[start : start + step] / top * 255.0, 0, 255).astype(np.uint8)
+    return out.reshape(array.shape)
 
 
 def is_placeholder_name(path: Path) -> bool:
