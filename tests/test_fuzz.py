@@ -28,7 +28,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
@@ -267,9 +267,11 @@ def test_scan_keeps_the_good_file_and_skips_a_bad_one_with_a_reason(fuzz: Fuzzed
         kept = {r.path.name: r for r in records}
         assert "good.jpg" in kept
         if bad.name in kept:  # it decodes: then the loaders, which trust the scan, decode it too
+            event("kept")
             assert kept[bad.name].width >= 1 and kept[bad.name].height >= 1
             check_decodes(bad)
         else:
+            event(f"skipped: {skipped[0].reason.split(' (')[0].split(':')[0][:40]}")  # --hypothesis-show-statistics
             assert [(s.path.name, bool(s.reason.strip()), s.reason != "unknown") for s in skipped] == [
                 (bad.name, True, True)
             ]

@@ -252,7 +252,7 @@ def _facts(data: bytes, path: Path) -> Facts:
         reason = str(error).split(": ", 1)[-1]
         if isinstance(error.__cause__, UnidentifiedImageError):
             reason = "not an image"
-        elif "truncated" in reason or "broken" in reason:
+        elif "truncated" in reason.lower() or "broken" in reason:  # Pillow says both "truncated" and "Truncated"
             reason = "truncated image: " + reason
         return reason
     except Exception as error:  # a codec bug on a hostile file must not stop the scan
