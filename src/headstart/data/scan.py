@@ -302,7 +302,7 @@ class ScanCache:
     files of the latest scan; one from another Pillow version, or unreadable, is ignored.
     """
 
-    FORMAT = 1
+    FORMAT = 2  # 2: JPEG scan limit and reworded reasons; facts cached by 1 may call such a file usable
 
     def __init__(self, cache_root: Path, dataset_root: Path):
         name = hashlib.blake2b(str(dataset_root).encode(), digest_size=8).hexdigest()
