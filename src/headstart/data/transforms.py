@@ -59,6 +59,10 @@ class Preprocessing:
 # -- tensors ---------------------------------------------------------------------------------------------------------
 
 _INTERPOLATION = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+# Longest side a training image keeps, in shorter sides. Beyond 20:3 the random crops of train_augment (area at least
+# 0.2 of the image, aspect at most 4:3) cannot fit and torchvision falls back to the centre crop, so the rest of a
+# longer image only costs memory: a 474-byte PNG of 1x100,000 pixels would otherwise become a 20 GB tensor.
+MAX_ASPECT = 8
 
 
 def resize_short(image: Image.Image, size: int, interpolation: str) -> Image.Image:
@@ -67,6 +71,19 @@ def resize_short(image: Image.Image, size: int, interpolation: str) -> Image.Ima
     scale = size / min(w, h)
     target = (max(size, round(w * scale)), max(size, round(h * scale)))
     return image.resize(target, _INTERPOLATION.get(interpolation, Image.Resampling.BICUBIC), reducing_gap=3.0)
+
+
+def clip_aspect(image: Image.Image, ratio: float = MAX_ASPECT) -> Image.Image:
+    """Cut the longer side, around the centre, to at most ``ratio`` times the shorter one."""
+    w, h = image.size
+    keep = int(ratio * min(w, h))
+    if max(w, h) <= keep:
+        return image
+    if w > h:
+        left = (w - keep) // 2
+        return image.crop((left, 0, left + keep, h))
+    top = (h - keep) // 2
+    return image.crop((0, top, w, top + keep))
 
 
 def center_crop(image: Image.Image, size: int) -> Image.Image:
@@ -102,8 +119,11 @@ def eval_tensor(source: Path | bytes, prep: Preprocessing) -> torch.Tensor:
 
 
 def base_tensor(source: Path | bytes, prep: Preprocessing) -> torch.Tensor:
-    """Decode once for training: shorter side resized to ``resize_size``; augmentation crops from this."""
-    image = open_image(source, draft=prep.resize_size)
+    """Decode once for training: shorter side resized to ``resize_size``; augmentation crops from this.
+
+    An image longer than :data:`MAX_ASPECT` shorter sides keeps only its centre (see there why nothing is lost).
+    """
+    image = clip_aspect(open_image(source, draft=prep.resize_size))
     return pil_to_uint8(resize_short(image, prep.resize_size, prep.interpolation))
 
 
@@ -240,5 +260,5 @@ def estimated_bytes(records: Sequence[ImageRecord], prep: Preprocessing) -> int:
     total = 0
     for r in records:
         short = min(r.width, r.height) or 1
-        total += 3 * prep.resize_size * prep.resize_size * max(r.width, r.height) // short
+        total += 3 * prep.resize_size * prep.resize_size * min(max(r.width, r.height), MAX_ASPECT * short) // short
     return total

@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from headstart import progress
-from headstart.data.scan import ImageRecord
+from headstart.data.scan import ImageRecord, unreadable_reason
 from headstart.data.transforms import FileDataset, Preprocessing, collate_skip, normalize
 from headstart.hardware import autocast, cpu_inference_workers, decode_workers, tune_allocator
 
@@ -177,9 +177,11 @@ def _batches(
 
 
 def _failures(records: Sequence[ImageRecord] | Sequence[Path], ok: np.ndarray) -> list[tuple[Path, str]]:
-    """(file, reason) of every input that did not decode."""
+    """(file, reason) of every input that did not decode; the reason is learnt again here, where it can be returned
+    (the batches dropped these files in worker processes)."""
     failed = []
     for i in np.flatnonzero(~ok):
         item = records[int(i)]
-        failed.append((item.path if isinstance(item, ImageRecord) else Path(item), "cannot decode"))
+        path = item.path if isinstance(item, ImageRecord) else Path(item)
+        failed.append((path, unreadable_reason(path)))
     return failed
