@@ -458,3 +458,35 @@ def test_predict_names_the_reason_a_file_was_dropped(run_dir: Path, tmp_path: Pa
         "notes.jpg": "not an image",
         "cut.png": "truncated image",
     }
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nnewpath 0 0 moveto showpage\n",  # handed to Ghostscript
+        b"%PDF-1.4\n1 0 obj << /Type /Catalog >> endobj\ntrailer << /Root 1 0 R >>\n%%EOF\n",
+    ],
+    ids=["eps", "pdf"],
+)
+def test_formats_outside_the_allow_list_are_not_images(data: bytes, tmp_path: Path) -> None:
+    """Pillow knows EPS (run through Ghostscript, outside code) and more; headstart lets it identify only the image
+    formats it documents, so such a file is skipped as not an image before any plugin runs."""
+    import PIL.EpsImagePlugin
+
+    opened: list[bytes] = []
+    original = PIL.EpsImagePlugin.EpsImageFile._open
+
+    def spy(self: PIL.EpsImagePlugin.EpsImageFile) -> None:
+        opened.append(b"eps")
+        original(self)
+
+    PIL.EpsImagePlugin.EpsImageFile._open = spy  # type: ignore[method-assign]
+    try:
+        (tmp_path / "figure.jpg").write_bytes(data)
+        _, skipped = scan_files([tmp_path / "figure.jpg"])
+        with pytest.raises(DataError, match="not an image"):
+            open_image(data, name="upload.jpg")
+    finally:
+        PIL.EpsImagePlugin.EpsImageFile._open = original  # type: ignore[method-assign]
+    assert len(skipped) == 1 and skipped[0].reason == "not an image"
+    assert not opened  # the EPS plugin never parsed the file

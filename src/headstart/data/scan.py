@@ -37,6 +37,10 @@ MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb threshold (about 0.25
 # buy a full pass each: 1,000 scans of a 9000x9000 image cost 7 s in an 11 KB file. A progressive photo has about
 # 10; libtiff refuses JPEG data with more than 100 by default, and so do we.
 MAX_JPEG_SCANS = 100
+# The only formats Pillow is allowed to identify (JPEG includes its MPO variant): photo and scan formats that Pillow
+# decodes itself. Others it knows are refused as "not an image": EPS is handed to Ghostscript (outside code) when
+# that is installed, and the rest (icons, game textures, scientific containers) are rarely a photo at all.
+IMAGE_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "DIB", "TIFF", "PPM", "TGA", "JPEG2000", "AVIF")
 # The start of a JPEG segment: 0xFF then a marker code, which is neither stuffing (00) in entropy-coded data, nor a
 # restart (D0-D7) inside it, nor fill (FF) before a marker.
 _JPEG_MARKER = re.compile(rb"\xff[\x01-\xcf\xd8-\xfe]")
@@ -114,7 +118,7 @@ def open_image(source: Path | bytes, draft: int | None = None, name: str | None 
         handle = io.BytesIO(source) if isinstance(source, bytes) else source
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image: Image.Image = Image.open(handle)
+            image: Image.Image = Image.open(handle, formats=IMAGE_FORMATS)
             _refuse_costly(image, source, label)
             if draft and image.format == "JPEG":
                 image.draft("RGB", (draft, draft))
@@ -244,7 +248,7 @@ def _facts(data: bytes, path: Path) -> Facts:
     try:
         image = open_image(data, draft=64, name=str(path))
         # Probed only after open_image accepted the file, so a non-image or a bomb gets its reason, not Pillow's error.
-        with Image.open(io.BytesIO(data)) as probe:
+        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as probe:
             mode, size = probe.mode, probe.size
             if probe.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # a quarter-turn EXIF orientation: size as displayed
                 size = (size[1], size[0])
@@ -302,7 +306,7 @@ class ScanCache:
     files of the latest scan; one from another Pillow version, or unreadable, is ignored.
     """
 
-    FORMAT = 2  # 2: JPEG scan limit and reworded reasons; facts cached by 1 may call such a file usable
+    FORMAT = 3  # 2: JPEG scan limit and reworded reasons; 3: formats outside IMAGE_FORMATS refused
 
     def __init__(self, cache_root: Path, dataset_root: Path):
         name = hashlib.blake2b(str(dataset_root).encode(), digest_size=8).hexdigest()
