@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+import http.client
 import io
 import re
 import stat
@@ -275,6 +276,20 @@ def test_without_the_key_only_the_page_and_liveness_answer(keyed: str) -> None:
         assert c.get("/health").json() == {"status": "ok", "auth": "required"}  # liveness, nothing about the model
         assert c.get("/health", headers={"X-API-Key": "a-wrong-key-of-some-length"}).status_code == 401
         assert c.get("/").status_code == 200 and c.get("/static/service.js").status_code == 200
+
+
+def test_no_path_around_the_key(keyed: str) -> None:
+    """Dot segments under the open /static/ and a WebSocket handshake are refused like any other request."""
+    host, port = keyed.removeprefix("http://").split(":")
+    for path in ("/static/../openapi.json", "/static/%2e%2e/openapi.json", "/static/..%2Fopenapi.json"):
+        connection = http.client.HTTPConnection(host, int(port), timeout=30)  # sends the path as written
+        connection.request("GET", path)
+        response = connection.getresponse()
+        assert response.status == 401 and b"openapi" not in response.read(), path
+        connection.close()
+    upgrade = {"Connection": "Upgrade", "Upgrade": "websocket", "Sec-WebSocket-Version": "13",
+               "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}  # fmt: skip
+    assert httpx.get(keyed + "/ws", headers=upgrade).status_code in (401, 403)  # never 101 Switching Protocols
 
 
 @pytest.mark.parametrize("headers", [{"Authorization": f"Bearer {KEY}"}, {"authorization": f"bearer  {KEY}"},

@@ -116,6 +116,12 @@ def check_bind(host: str, api_key: str | None, insecure: bool = False) -> str | 
     return f"warning: serving {host} with no API key (--insecure): anyone who can reach this address can call it"
 
 
+def is_open(path: str) -> bool:
+    """Whether a path is answered without the key. A ``..`` segment closes it: ``/static/../predict`` is not open,
+    whatever the router later makes of it."""
+    return path in OPEN_PATHS or (path.startswith(OPEN_PREFIX) and ".." not in path.split("/"))
+
+
 class ApiKey:
     """The service's key, kept only as its SHA-256 digest; :meth:`matches` takes the same time for every wrong key."""
 
@@ -167,20 +173,27 @@ class Guard:
         self.app, self.key, self.queue = app, key, queue
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] == "lifespan":
             await self.app(scope, receive, send)
             return
-        path = scope["path"]
+        open_path = is_open(scope["path"])
         presented = presented_key(scope["headers"])
         authorised = self.key is None or (presented is not None and self.key.matches(presented))
         scope.setdefault("state", {})["authorised"] = authorised
-        if not authorised and (presented is not None or not (path in OPEN_PATHS or path.startswith(OPEN_PREFIX))):
+        if scope["type"] != "http":  # a WebSocket (the app serves none): the key is checked all the same
+            if not authorised:
+                await receive()  # websocket.connect; closing before accepting answers the handshake with 403
+                await send({"type": "websocket.close", "code": 1008})
+                return
+            await self.app(scope, receive, send)
+            return
+        if not authorised and (presented is not None or not open_path):
             # A wrong key is refused even on the open paths: that is how the page learns its stored key is stale.
             detail = "wrong API key" if presented is not None else "this service needs an API key"
             await _answer(send, 401, f"{detail}; send it as 'Authorization: Bearer KEY' or 'X-API-Key: KEY'",
                           [(b"www-authenticate", b'Bearer realm="headstart"')])  # fmt: skip
             return
-        if path in OPEN_PATHS or path.startswith(OPEN_PREFIX):
+        if open_path:
             await self.app(scope, receive, send)
             return
         await self._admit(scope, receive, send)
