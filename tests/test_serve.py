@@ -30,7 +30,7 @@ from headstart.models.backbones import create_backbone
 from headstart.models.classifier import Classifier, save_classifier
 from headstart.serving import guard
 from headstart.serving.guard import check_bind, key_file_warning, resolve_api_key
-from headstart.serving.serve import create_app, serve_in_thread
+from headstart.serving.serve import FairLock, create_app, serve_in_thread
 
 CHROMIUM = Path("/usr/bin/chromium")
 LIMIT = 300_000  # bytes; small so the oversize tests stay fast
@@ -437,6 +437,33 @@ def test_past_the_queue_requests_get_503_at_once(tiny: tuple[str, Path, Path]) -
         assert [future.result().status_code for future in held] == [200, 200]
         assert c.post("/predict", files=image).status_code == 200
         assert c.get("/health").json()["queue"] == {"limit": 2, "in_flight": 0, "shed": 1, "served": 9}
+
+
+def test_the_model_is_taken_in_arrival_order() -> None:
+    """Eight threads queue for the forward pass one after another; they get it in that order, not as the scheduler
+    happens to wake them."""
+    lock, order = FairLock(), []
+
+    def take(i: int) -> None:
+        with lock:
+            order.append(i)
+            time.sleep(0.001)  # give a later thread the chance to jump the queue, were it possible
+
+    lock.__enter__()
+    threads = []
+    for i in range(8):
+        threads.append(threading.Thread(target=take, args=(i,)))
+        threads[-1].start()
+        deadline = time.monotonic() + 10
+        while lock.waiting() < i + 1:  # thread i is waiting before thread i + 1 starts
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+    lock.__exit__(None, None, None)
+    for thread in threads:
+        thread.join(10)
+    assert order == list(range(8))
+    with lock:  # free again once the last one left
+        assert lock.waiting() == 0
 
 
 # --- The page behind a key -----------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ import socket
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
@@ -64,6 +65,37 @@ THUMB_SIDE = 160  # pixels, longer side of a thumbnail
 
 class ServeError(ValueError):
     """The service cannot start as configured (the message says what to change)."""
+
+
+class FairLock:
+    """A lock granted in the order it was asked for. ``threading.Lock`` wakes an arbitrary waiter: under load one
+    request could lose the race again and again, and the slowest answers would take several times the queue's length.
+    """
+
+    def __init__(self) -> None:
+        self._mutex = threading.Lock()
+        self._turns: deque[threading.Event] = deque()  # one per waiting thread, oldest first
+        self._held = False
+
+    def __enter__(self) -> None:
+        with self._mutex:
+            if not self._held:
+                self._held = True
+                return
+            turn = threading.Event()
+            self._turns.append(turn)
+        turn.wait()  # the holder hands the lock over directly: it stays held, and no one else can take it
+
+    def __exit__(self, *exc: object) -> None:
+        with self._mutex:
+            if self._turns:
+                self._turns.popleft().set()
+            else:
+                self._held = False
+
+    def waiting(self) -> int:
+        """Threads waiting for their turn."""
+        return len(self._turns)
 
 
 @dataclass
@@ -111,8 +143,9 @@ class Service:
         self.model.classifier.eval()
         self.index = _Index(Path(index_dir)) if index_dir else None
         # One forward pass at a time: PyTorch modules are not documented as thread-safe, and on CPU one pass
-        # already uses every core, so serialising costs no throughput.
-        self.lock = threading.Lock()
+        # already uses every core, so serialising costs no throughput. In arrival order, so a request waits for
+        # at most the requests admitted before it (the queue's bound), not for whoever wins each release.
+        self.lock = FairLock()
         self.load_seconds = time.perf_counter() - tic
 
     def decode(self, uploads: list[_Upload], prep: Preprocessing) -> torch.Tensor:
