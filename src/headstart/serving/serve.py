@@ -356,8 +356,8 @@ def run(
         max_queue: requests in progress at a time; one more gets 503 with ``Retry-After``.
 
     Raises:
-        ConfigError: a non-loopback ``host`` without a key or ``insecure``; an unusable key or ``max_queue``. Both
-            are checked before the model loads.
+        ConfigError: a non-loopback ``host`` without a key or ``insecure``; an unusable key or ``max_queue``. All
+            three are checked before the model loads.
     """
     import uvicorn
 
