@@ -256,23 +256,7 @@ def create_app(
             detail = f"request body larger than the {max_upload_bytes:,}-byte limit; send smaller or fewer images"
         return JSONResponse({"detail": detail}, status_code=error.status_code, headers=error.headers)
 
-    @app.get("/health")
-    async def health(request: Request) -> dict[str, Any]:
-        """Liveness, and what this server answers with (without the service's key: liveness only)."""
-        # async: answered on the event loop, so it never waits for a worker thread while the service is loaded.
-        if not request.state.authorised:
-            return {"status": "ok", "auth": "required"}
-        return {
-            "status": "ok",
-            "auth": "key" if api_key else "none",
-            "backbone": service.model.info.get("backbone"),
-            "classes": service.model.classes,
-            "input_size": service.model.preprocessing.input_size,
-            "index": service.index is not None,
-            "index_size": len(service.index.paths) if service.index else 0,
-            "max_upload_bytes": max_upload_bytes,
-            "queue": queue.snapshot(),
-        }
+    _add_health(app, service, queue, api_key is not None, max_upload_bytes)
 
     @app.post("/predict")
     async def predict(
@@ -303,6 +287,29 @@ def create_app(
 
     _add_page(app)
     return app
+
+
+def _add_health(app: FastAPI, service: Service, queue: Queue, keyed: bool, max_upload_bytes: int) -> None:
+    """``GET /health``: liveness for anyone, and for callers with the key (or without one configured) what this server
+    answers with and how full its queue is."""
+
+    @app.get("/health")
+    async def health(request: Request) -> dict[str, Any]:
+        """Liveness, and what this server answers with (without the service's key: liveness only)."""
+        # async: answered on the event loop, so it never waits for a worker thread while the service is loaded.
+        if not request.state.authorised:
+            return {"status": "ok", "auth": "required"}
+        return {
+            "status": "ok",
+            "auth": "key" if keyed else "none",
+            "backbone": service.model.info.get("backbone"),
+            "classes": service.model.classes,
+            "input_size": service.model.preprocessing.input_size,
+            "index": service.index is not None,
+            "index_size": len(service.index.paths) if service.index else 0,
+            "max_upload_bytes": max_upload_bytes,
+            "queue": queue.snapshot(),
+        }
 
 
 def _add_page(app: FastAPI) -> None:
