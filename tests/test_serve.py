@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import hmac
+import http.client
 import io
+import re
+import stat
 import struct
+import threading
+import time
 import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -16,15 +22,22 @@ import torch
 from PIL import Image
 
 from conftest import make_folder, stripes
+from headstart.cli import main
 from headstart.data.scan import collect_files
+from headstart.errors import ConfigError
 from headstart.insight.predictor import load
 from headstart.models.backbones import create_backbone
 from headstart.models.classifier import Classifier, save_classifier
-from headstart.serving.serve import create_app, serve_in_thread
+from headstart.serving import guard
+from headstart.serving.guard import check_bind, key_file_warning, resolve_api_key
+from headstart.serving.serve import FairLock, create_app, serve_in_thread
 
 CHROMIUM = Path("/usr/bin/chromium")
 LIMIT = 300_000  # bytes; small so the oversize tests stay fast
 CLASSES = ["horizontal", "vertical"]
+KEY = "test-key-0123456789abcdef"
+BROWSER_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
 
 
 def jpeg(label: int, seed: int = 0, size: tuple[int, int] = (48, 40)) -> bytes:
@@ -215,11 +228,9 @@ def test_web_page_in_chromium(tmp_path: Path, hymenoptera: Path) -> None:
     (expected,), _ = load(tmp_path / "run").predict(query)
     assert expected.label == "ants"
 
-    args = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-            "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
     app = create_app(tmp_path / "run", tmp_path / "index")
     with serve_in_thread(app) as url, sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=args)
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=BROWSER_ARGS)
         try:
             page = browser.new_page()
             page.goto(url + "/")
@@ -233,5 +244,261 @@ def test_web_page_in_chromium(tmp_path: Path, hymenoptera: Path) -> None:
             )
             assert page.locator("#thumbs img").count() == 8
             assert page.locator("#error").text_content() == ""
+        finally:
+            browser.close()
+
+
+# --- Access: an API key --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def keyed(tiny: tuple[str, Path, Path]) -> Iterator[str]:
+    """The tiny model and its index again, behind ``KEY``."""
+    run = tiny[1]
+    with serve_in_thread(create_app(run, run.parent / "index", api_key=KEY)) as url:
+        yield url
+
+
+def test_without_the_key_only_the_page_and_liveness_answer(keyed: str) -> None:
+    image = {"files": ("a.jpg", jpeg(0), "image/jpeg")}
+    routes = [("POST", "/predict"), ("POST", "/search"), ("GET", "/thumb/0"), ("GET", "/docs"),
+              ("GET", "/openapi.json"), ("GET", "/no/such/route")]  # fmt: skip
+    with httpx.Client(base_url=keyed, timeout=30) as c:  # one connection: a refused upload must not spoil it
+        for method, url in routes:
+            files = image if method == "POST" else None
+            for headers, message in (({}, "needs an API key"), ({"X-API-Key": KEY[:-1] + "x"}, "wrong API key"),
+                                     ({"Authorization": f"Bearer {KEY}x"}, "wrong API key"),
+                                     ({"Authorization": f"Basic {KEY}"}, "needs an API key")):  # fmt: skip
+                response = c.request(method, url, files=files, headers=headers)
+                assert response.status_code == 401, (url, headers)
+                assert response.headers["www-authenticate"].startswith("Bearer")
+                assert message in response.json()["detail"] and "X-API-Key" in response.json()["detail"]
+        assert c.get("/health").json() == {"status": "ok", "auth": "required"}  # liveness, nothing about the model
+        assert c.get("/health", headers={"X-API-Key": "a-wrong-key-of-some-length"}).status_code == 401
+        assert c.get("/").status_code == 200 and c.get("/static/service.js").status_code == 200
+
+
+def test_no_path_around_the_key(keyed: str) -> None:
+    """Dot segments under the open /static/ and a WebSocket handshake are refused like any other request."""
+    host, port = keyed.removeprefix("http://").split(":")
+    for path in ("/static/../openapi.json", "/static/%2e%2e/openapi.json", "/static/..%2Fopenapi.json"):
+        connection = http.client.HTTPConnection(host, int(port), timeout=30)  # sends the path as written
+        connection.request("GET", path)
+        response = connection.getresponse()
+        assert response.status == 401 and b"openapi" not in response.read(), path
+        connection.close()
+    upgrade = {"Connection": "Upgrade", "Upgrade": "websocket", "Sec-WebSocket-Version": "13",
+               "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}  # fmt: skip
+    assert httpx.get(keyed + "/ws", headers=upgrade).status_code in (401, 403)  # never 101 Switching Protocols
+
+
+@pytest.mark.parametrize("headers", [{"Authorization": f"Bearer {KEY}"}, {"authorization": f"bearer  {KEY}"},
+                                     {"X-API-Key": KEY}])  # fmt: skip
+def test_the_key_opens_every_route(keyed: str, headers: dict[str, str]) -> None:
+    with httpx.Client(base_url=keyed, timeout=30, headers=headers) as c:
+        response = c.post("/predict", files={"files": ("a.jpg", jpeg(0), "image/jpeg")})
+        assert response.status_code == 200 and response.json()["results"][0]["label"] in CLASSES
+        health = c.get("/health").json()
+        assert health["classes"] == CLASSES and health["auth"] == "key"
+        thumb = c.get("/thumb/0")
+        assert thumb.status_code == 200 and thumb.headers["cache-control"].startswith("private")
+        assert c.post("/search", files={"files": ("a.jpg", jpeg(1), "image/jpeg")}).status_code == 200
+        assert "/predict" in c.get("/openapi.json").json()["paths"]
+
+
+def test_the_key_is_compared_in_constant_time(keyed: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    compared: list[tuple[bytes, bytes]] = []
+    real = hmac.compare_digest
+
+    def spy(a: bytes, b: bytes) -> bool:
+        compared.append((a, b))
+        return real(a, b)
+
+    monkeypatch.setattr(guard.hmac, "compare_digest", spy)
+    for key in ("short", KEY + "-and-much-longer-than-the-real-one", KEY):
+        response = httpx.get(keyed + "/openapi.json", headers={"X-API-Key": key})
+        assert response.status_code == (200 if key == KEY else 401)
+    # One digest comparison per request, of equal lengths whatever the length of the key sent.
+    assert len(compared) == 3 and {(len(a), len(b)) for a, b in compared} == {(32, 32)}
+
+
+def test_api_key_sources(tmp_path: Path) -> None:
+    assert resolve_api_key(environ={}) is None
+    assert resolve_api_key(environ={"HEADSTART_API_KEY": ""}) is None
+    assert resolve_api_key(environ={"HEADSTART_API_KEY": KEY}) == KEY
+    assert resolve_api_key(api_key=KEY, environ={"HEADSTART_API_KEY": "another-key-0123456789"}) == KEY
+    path = tmp_path / "key"
+    path.write_text(f"  {KEY}\n")
+    assert resolve_api_key(key_file=path, environ={"HEADSTART_API_KEY": "another-key-0123456789"}) == KEY
+    path.chmod(0o644)
+    assert f"chmod 600 {path}" in (key_file_warning(path) or "")
+    path.chmod(stat.S_IRUSR | stat.S_IWUSR)
+    assert key_file_warning(path) is None
+    with pytest.raises(ConfigError, match="not both"):
+        resolve_api_key(api_key=KEY, key_file=path)
+    with pytest.raises(ConfigError, match=re.escape(f"--api-key-file {tmp_path / 'missing'}: cannot read")):
+        resolve_api_key(key_file=tmp_path / "missing")
+    for bad in ("short", "has a space 0123456789", "ключ-0123456789abcdef", "tab\tinside0123456789"):
+        with pytest.raises(ConfigError, match=r"at least 16 characters.*secrets\.token_urlsafe"):
+            resolve_api_key(api_key=bad)
+    with pytest.raises(ConfigError, match="HEADSTART_API_KEY: an API key must"):
+        resolve_api_key(environ={"HEADSTART_API_KEY": "short"})
+
+
+@pytest.mark.parametrize(
+    ("host", "allowed"),
+    [("127.0.0.1", True), ("localhost", True), ("::1", True), ("[::1]", True), ("127.0.0.2", True),
+     ("0.0.0.0", False), ("::", False), ("192.168.1.5", False), ("10.0.0.1", False), ("example.com", False)],
+)  # fmt: skip
+def test_only_loopback_binds_without_a_key(host: str, allowed: bool) -> None:
+    assert check_bind(host, KEY) is None  # with a key, any address
+    if allowed:
+        assert check_bind(host, None) is None and check_bind(host, None, insecure=True) is None
+    else:
+        with pytest.raises(ConfigError, match=r"--api-key-file FILE.*HEADSTART_API_KEY.*--insecure"):
+            check_bind(host, None)
+        assert "anyone who can reach" in (check_bind(host, None, insecure=True) or "")
+
+
+def test_cli_refuses_a_network_address_without_a_key_before_loading(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("HEADSTART_API_KEY", raising=False)
+    assert main(["serve", str(tmp_path / "no-such-run"), "--host", "0.0.0.0"]) == 2  # the run is never opened
+    error = capsys.readouterr().err
+    assert "headstart serve: error: --host 0.0.0.0 is reachable" in error and "--insecure" in error
+    assert main(["serve", str(tmp_path / "no-such-run"), "--max-queue", "0"]) == 2
+    assert "--max-queue 0" in capsys.readouterr().err
+
+
+def test_cli_serves_with_a_key_file_or_insecure(
+    tiny: tuple[str, Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import uvicorn
+
+    started: dict = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: started.update(app=app, **kwargs))
+    monkeypatch.setenv("HEADSTART_API_KEY", "the-environment-key-0123")
+    path = tmp_path / "key"
+    path.write_text(KEY + "\n")
+    path.chmod(stat.S_IRUSR | stat.S_IWUSR)
+    args = ["serve", str(tiny[1]), "--host", "0.0.0.0", "--port", "8123", "--max-queue", "3"]
+    assert main([*args, "--api-key-file", str(path)]) == 0
+    assert (started["host"], started["port"]) == ("0.0.0.0", 8123)
+    assert "API key required; at most 3 requests" in capsys.readouterr().out
+    with serve_in_thread(started["app"]) as url:
+        assert httpx.get(url + "/openapi.json").status_code == 401
+        assert httpx.get(url + "/health", headers={"X-API-Key": "the-environment-key-0123"}).status_code == 401
+        health = httpx.get(url + "/health", headers={"X-API-Key": KEY}).json()  # the file's key beats the variable
+        assert health["auth"] == "key" and health["queue"]["limit"] == 3
+
+    monkeypatch.delenv("HEADSTART_API_KEY")
+    assert main([*args, "--insecure"]) == 0
+    assert "warning: serving 0.0.0.0 with no API key" in capsys.readouterr().err
+    with serve_in_thread(started["app"]) as url:
+        assert httpx.get(url + "/health").json()["auth"] == "none"
+
+
+# --- Overload: a bounded queue --------------------------------------------------------------------------------------
+
+
+def test_past_the_queue_requests_get_503_at_once(tiny: tuple[str, Path, Path]) -> None:
+    """Two slow requests fill a queue of 2: the third is 503 with Retry-After in well under a second, health still
+    answers, and after the two finish the service takes requests again; failed requests give their places back."""
+    app = create_app(tiny[1], api_key=KEY, max_queue=2)
+    service, release = app.state.service, threading.Event()
+    predict = service.predict
+
+    def slow(*args: object) -> object:
+        release.wait(60)
+        return predict(*args)
+
+    image = {"files": ("a.jpg", jpeg(0), "image/jpeg")}
+    with (serve_in_thread(app) as url, ThreadPoolExecutor(2) as pool,
+          httpx.Client(base_url=url, timeout=60, headers={"X-API-Key": KEY}) as c):  # fmt: skip
+        for _ in range(3):  # a 400 and a 413 must not keep their places (else the third would be shed)
+            assert c.post("/predict", files={"files": ("x.txt", b"not an image", "text/plain")}).status_code == 400
+            assert c.post("/predict", files={"files": ("big.jpg", b"\0" * 20 * 2**20, "image/jpeg")}).status_code == 413
+        service.predict = slow
+        try:
+            held = [pool.submit(c.post, "/predict", files=image) for _ in range(2)]
+            deadline = time.monotonic() + 30
+            while c.get("/health").json()["queue"]["in_flight"] < 2:
+                assert time.monotonic() < deadline, "the two slow requests never arrived"
+                time.sleep(0.02)
+            tic = time.perf_counter()
+            shed = c.post("/predict", files=image)
+            assert shed.status_code == 503 and time.perf_counter() - tic < 1.0
+            assert int(shed.headers["retry-after"]) >= 1 and "busy" in shed.json()["detail"]
+            assert httpx.post(url + "/predict", files=image).status_code == 401  # no key: refused before queueing
+            assert c.get("/health").status_code == 200 and c.get("/").status_code == 200  # never shed
+        finally:
+            release.set()
+        assert [future.result().status_code for future in held] == [200, 200]
+        assert c.post("/predict", files=image).status_code == 200
+        assert c.get("/health").json()["queue"] == {"limit": 2, "in_flight": 0, "shed": 1, "served": 9}
+
+
+def test_the_model_is_taken_in_arrival_order() -> None:
+    """Eight threads queue for the forward pass one after another; they get it in that order, not as the scheduler
+    happens to wake them."""
+    lock, order = FairLock(), []
+
+    def take(i: int) -> None:
+        with lock:
+            order.append(i)
+            time.sleep(0.001)  # give a later thread the chance to jump the queue, were it possible
+
+    lock.__enter__()
+    threads = []
+    for i in range(8):
+        threads.append(threading.Thread(target=take, args=(i,)))
+        threads[-1].start()
+        deadline = time.monotonic() + 10
+        while lock.waiting() < i + 1:  # thread i is waiting before thread i + 1 starts
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+    lock.__exit__(None, None, None)
+    for thread in threads:
+        thread.join(10)
+    assert order == list(range(8))
+    with lock:  # free again once the last one left
+        assert lock.waiting() == 0
+
+
+# --- The page behind a key -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed (.ci/run installs it)")
+def test_web_page_asks_for_the_key_once(keyed: str, tiny: tuple[str, Path, Path]) -> None:
+    """A wrong key is asked for again; the right one is kept for the tab: predictions, thumbnails, and a reload
+    that does not ask."""
+    from playwright.sync_api import sync_playwright
+
+    model_line = "document.getElementById('model').textContent"
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=BROWSER_ARGS)
+        try:
+            page = browser.new_page()
+            page.goto(keyed + "/")
+            page.wait_for_selector("#auth", state="visible")
+            assert "needs an API key" in page.evaluate(model_line)
+            page.fill("#key", "a-wrong-key-0123456789")
+            page.click("#auth button")
+            page.wait_for_function("document.getElementById('error').textContent.includes('refused that key')")
+            assert page.is_visible("#auth")
+            page.fill("#key", KEY)
+            page.press("#key", "Enter")
+            page.wait_for_function(f"{model_line}.includes('index of 8')")
+            assert page.is_hidden("#auth") and page.locator("#error").text_content() == ""
+            page.set_input_files("#file", str(collect_files([tiny[2]])[0]))
+            page.wait_for_selector("#bars .row", timeout=60_000)
+            thumbs = "[...document.querySelectorAll('#thumbs img')]"
+            page.wait_for_function(f"{thumbs}.length === 8 && {thumbs}.every(i => i.naturalWidth > 0)")
+            page.reload()
+            page.wait_for_function(f"{model_line}.includes('index of 8')")
+            assert page.is_hidden("#auth")  # asked once: the tab kept it
+            assert page.evaluate("sessionStorage.getItem('headstart-api-key')") == KEY
+            assert page.evaluate("localStorage.length") == 0  # not kept beyond the tab
         finally:
             browser.close()

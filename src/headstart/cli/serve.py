@@ -21,9 +21,20 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve a trained model over HTTP: REST API and a web page")
     p.add_argument("run", help="run folder of a trained model")
     p.add_argument("--index", help="retrieval index folder (`headstart index build`) for /search and thumbnails")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default loopback only; others need an API key or --insecure)")  # fmt: skip
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-upload-mb", type=float, default=16.0, help="largest request body; larger ones get 413")
+    p.add_argument("--max-queue", type=int, metavar="N", help="requests in progress at a time; one more gets 503 "
+                   "with Retry-After at once (default 32, the most images in one request)")  # fmt: skip
+    key = p.add_argument_group("access", "requests without the key get 401; the web page asks for it once. Without "
+                               "--api-key-file or --api-key, the key is read from $HEADSTART_API_KEY")  # fmt: skip
+    key.add_argument("--api-key-file", metavar="FILE", help="file holding the API key (make one: python -c "
+                     "'import secrets; print(secrets.token_urlsafe(32))' > FILE; chmod 600 FILE)")  # fmt: skip
+    key.add_argument("--api-key", metavar="KEY", help="the API key itself; other users of the machine can read it "
+                     "in `ps`, so prefer the file or the variable")  # fmt: skip
+    key.add_argument("--insecure", action="store_true",
+                     help="serve a non-loopback --host without a key (refused otherwise)")  # fmt: skip
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -37,7 +48,9 @@ def _export(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from headstart.serving.serve import run
 
-    run(args.run, args.index, args.host, args.port, max_upload_bytes=int(args.max_upload_mb * 2**20))
+    queue = {} if args.max_queue is None else {"max_queue": args.max_queue}
+    run(args.run, args.index, args.host, args.port, max_upload_bytes=int(args.max_upload_mb * 2**20),
+        api_key=args.api_key, api_key_file=args.api_key_file, insecure=args.insecure, **queue)  # fmt: skip
     return 0
 
 

@@ -1,1 +1,1 @@
-"""Serving a trained model: export (TorchScript, ONNX) and the HTTP service."""
+"""Serving a trained model: export (TorchScript, ONNX), the HTTP service, and its guard (API key, bounded queue)."""

@@ -6,7 +6,7 @@ Endpoints:
 * ``POST /search``: images -> the most similar images of a retrieval index (``--index``), with scores.
 * ``GET /thumb/{id}``: a JPEG thumbnail of an indexed image; only ids in the index are served, so no request can name
   a file on disk.
-* ``GET /health``: model, classes and index size. ``GET /docs``: the OpenAPI documentation.
+* ``GET /health``: model, classes, index size and the admission counters. ``GET /docs``: the OpenAPI documentation.
 * ``GET /``: a web page (template ``service.html``, its script and styles under ``GET /static/``; no external
   assets): drop or choose an image, see the class probabilities as bars and, with an index, the most similar images
   as thumbnails.
@@ -15,6 +15,10 @@ Bad input is the client's error, never a crash: bodies over ``max_upload_bytes``
 ``Content-Length`` header and counts the bytes actually received), files that are not images, truncated images and
 decompression bombs get 400 naming the file. The model loads once, when the app is created; decoding runs in
 parallel in the server's worker threads and the forward pass under a lock, so concurrent requests are safe.
+
+Access and load (:mod:`headstart.serving.guard`): with an API key, requests without it get 401 (the page asks for it
+once); at most ``max_queue`` requests are in progress at a time, and one past that gets 503 with ``Retry-After`` at
+once. :func:`run` refuses to bind a non-loopback address without a key unless told ``insecure``.
 """
 
 from __future__ import annotations
@@ -22,8 +26,10 @@ from __future__ import annotations
 import contextlib
 import io
 import socket
+import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
@@ -40,20 +46,56 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from headstart import progress
 from headstart.data.scan import thumbnail
 from headstart.data.transforms import Preprocessing, eval_tensor, normalize
-from headstart.errors import DataError
+from headstart.errors import ConfigError, DataError
 from headstart.hardware import autocast
 from headstart.insight.pages import render, stylesheet
 from headstart.insight.predictor import Model, load, top_classes
 from headstart.models.backbones import Backbone
+from headstart.serving.guard import ApiKey, Guard, Queue, check_bind, key_file_warning, resolve_api_key
 
 DEFAULT_MAX_UPLOAD = 16 * 2**20  # bytes per request: a few phone photos; larger bodies get 413
 MAX_FILES = 32  # images per request; each is decoded and held as a tensor, so the count bounds memory
+# Requests in progress at a time (reading, decoding, waiting for the model, running it); one more gets 503. Equal to
+# MAX_FILES: a full queue of full requests then holds at most 32 x 32 decoded images (150 MB at 224 px), and it stays
+# under the 40 worker threads of Starlette's pool, so an admitted request never waits in a second, hidden queue.
+DEFAULT_MAX_QUEUE = MAX_FILES
 MAX_K = 100  # most results per query for top_k and k
 THUMB_SIDE = 160  # pixels, longer side of a thumbnail
 
 
 class ServeError(ValueError):
     """The service cannot start as configured (the message says what to change)."""
+
+
+class FairLock:
+    """A lock granted in the order it was asked for. ``threading.Lock`` wakes an arbitrary waiter: under load one
+    request could lose the race again and again, and the slowest answers would take several times the queue's length.
+    """
+
+    def __init__(self) -> None:
+        self._mutex = threading.Lock()
+        self._turns: deque[threading.Event] = deque()  # one per waiting thread, oldest first
+        self._held = False
+
+    def __enter__(self) -> None:
+        with self._mutex:
+            if not self._held:
+                self._held = True
+                return
+            turn = threading.Event()
+            self._turns.append(turn)
+        turn.wait()  # the holder hands the lock over directly: it stays held, and no one else can take it
+
+    def __exit__(self, *exc: object) -> None:
+        with self._mutex:
+            if self._turns:
+                self._turns.popleft().set()
+            else:
+                self._held = False
+
+    def waiting(self) -> int:
+        """Threads waiting for their turn."""
+        return len(self._turns)
 
 
 @dataclass
@@ -101,8 +143,9 @@ class Service:
         self.model.classifier.eval()
         self.index = _Index(Path(index_dir)) if index_dir else None
         # One forward pass at a time: PyTorch modules are not documented as thread-safe, and on CPU one pass
-        # already uses every core, so serialising costs no throughput.
-        self.lock = threading.Lock()
+        # already uses every core, so serialising costs no throughput. In arrival order, so a request waits for
+        # at most the requests admitted before it (the queue's bound), not for whoever wins each release.
+        self.lock = FairLock()
         self.load_seconds = time.perf_counter() - tic
 
     def decode(self, uploads: list[_Upload], prep: Preprocessing) -> torch.Tensor:
@@ -162,6 +205,11 @@ class Service:
         return buffer.getvalue()
 
 
+def _check_max_queue(max_queue: int) -> None:
+    if max_queue < 1:
+        raise ConfigError(f"--max-queue {max_queue}: the service must admit at least 1 request at a time")
+
+
 async def _read(files: list[UploadFile]) -> list[_Upload]:
     if len(files) > MAX_FILES:
         raise HTTPException(400, f"{len(files)} files in one request; send at most {MAX_FILES}")
@@ -169,7 +217,11 @@ async def _read(files: list[UploadFile]) -> list[_Upload]:
 
 
 def create_app(
-    run_dir: str | Path, index_dir: str | Path | None = None, max_upload_bytes: int = DEFAULT_MAX_UPLOAD
+    run_dir: str | Path,
+    index_dir: str | Path | None = None,
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD,
+    api_key: str | None = None,
+    max_queue: int = DEFAULT_MAX_QUEUE,
 ) -> FastAPI:
     """The web app for a trained model; loads the model (and index) now, once.
 
@@ -177,7 +229,14 @@ def create_app(
         run_dir: run folder of a trained classifier.
         index_dir: optional retrieval index folder (``headstart index build``) for ``/search`` and thumbnails.
         max_upload_bytes: largest request body accepted; larger ones get 413.
+        api_key: if given, every request but the page, its static files and a bare ``/health`` must carry it
+            (:mod:`headstart.serving.guard`); see :func:`headstart.serving.guard.resolve_api_key` for its sources.
+        max_queue: requests in progress at a time; one more gets 503 with ``Retry-After``.
+
+    Raises:
+        ConfigError: ``max_queue`` below 1.
     """
+    _check_max_queue(max_queue)
     service = Service(run_dir, index_dir)
     app = FastAPI(
         title="headstart",
@@ -186,6 +245,8 @@ def create_app(
         form_limits={"max_files": MAX_FILES + 1},  # one more, so _read answers with the clearer message
     )
     app.state.service = service
+    app.state.queue = queue = Queue(max_queue)
+    app.add_middleware(Guard, key=ApiKey(api_key) if api_key else None, queue=queue)
     progress.log(f"model loaded from {run_dir} in {service.load_seconds:.1f} s")
 
     @app.exception_handler(StarletteHTTPException)
@@ -195,18 +256,7 @@ def create_app(
             detail = f"request body larger than the {max_upload_bytes:,}-byte limit; send smaller or fewer images"
         return JSONResponse({"detail": detail}, status_code=error.status_code, headers=error.headers)
 
-    @app.get("/health")
-    def health() -> dict[str, Any]:
-        """Liveness, and what this server answers with."""
-        return {
-            "status": "ok",
-            "backbone": service.model.info.get("backbone"),
-            "classes": service.model.classes,
-            "input_size": service.model.preprocessing.input_size,
-            "index": service.index is not None,
-            "index_size": len(service.index.paths) if service.index else 0,
-            "max_upload_bytes": max_upload_bytes,
-        }
+    _add_health(app, service, queue, api_key is not None, max_upload_bytes)
 
     @app.post("/predict")
     async def predict(
@@ -231,11 +281,35 @@ def create_app(
     @app.get("/thumb/{item}", response_class=Response)
     def thumb(item: int) -> Response:
         """Thumbnail of an indexed image, by its id in the index."""
-        return Response(service.thumbnail(item), media_type="image/jpeg",
-                        headers={"Cache-Control": "public, max-age=3600"})  # fmt: skip
+        # Behind a key, a shared cache must not hand the thumbnail to someone without it.
+        cache = f"{'private' if api_key else 'public'}, max-age=3600"
+        return Response(service.thumbnail(item), media_type="image/jpeg", headers={"Cache-Control": cache})
 
     _add_page(app)
     return app
+
+
+def _add_health(app: FastAPI, service: Service, queue: Queue, keyed: bool, max_upload_bytes: int) -> None:
+    """``GET /health``: liveness for anyone, and for callers with the key (or without one configured) what this server
+    answers with and how full its queue is."""
+
+    @app.get("/health")
+    async def health(request: Request) -> dict[str, Any]:
+        """Liveness, and what this server answers with (without the service's key: liveness only)."""
+        # async: answered on the event loop, so it never waits for a worker thread while the service is loaded.
+        if not request.state.authorised:
+            return {"status": "ok", "auth": "required"}
+        return {
+            "status": "ok",
+            "auth": "key" if keyed else "none",
+            "backbone": service.model.info.get("backbone"),
+            "classes": service.model.classes,
+            "input_size": service.model.preprocessing.input_size,
+            "index": service.index is not None,
+            "index_size": len(service.index.paths) if service.index else 0,
+            "max_upload_bytes": max_upload_bytes,
+            "queue": queue.snapshot(),
+        }
 
 
 def _add_page(app: FastAPI) -> None:
@@ -244,7 +318,7 @@ def _add_page(app: FastAPI) -> None:
     style = stylesheet()
 
     @app.get("/", response_class=HTMLResponse)
-    def page() -> HTMLResponse:
+    async def page() -> HTMLResponse:
         """The web page."""
         return HTMLResponse(page_html)
 
@@ -264,13 +338,45 @@ async def _in_thread(fn: Any, *args: Any) -> Any:
     return await run_in_threadpool(fn, *args)
 
 
-def run(run_dir: str | Path, index: str | Path | None = None, host: str = "127.0.0.1", port: int = 8000,
-        max_upload_bytes: int = DEFAULT_MAX_UPLOAD) -> None:  # fmt: skip
-    """Serve a trained model over HTTP until interrupted."""
+def run(
+    run_dir: str | Path,
+    index: str | Path | None = None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD,
+    api_key: str | None = None,
+    api_key_file: str | Path | None = None,
+    insecure: bool = False,
+    max_queue: int = DEFAULT_MAX_QUEUE,
+) -> None:
+    """Serve a trained model over HTTP until interrupted.
+
+    Args:
+        run_dir: run folder of a trained classifier.
+        index: optional retrieval index folder for ``/search``.
+        host: address to bind; one other than loopback needs an API key, or ``insecure``.
+        port: TCP port.
+        max_upload_bytes: largest request body accepted; larger ones get 413.
+        api_key: the key itself; else ``api_key_file``, else ``$HEADSTART_API_KEY`` (:func:`.guard.resolve_api_key`).
+        api_key_file: a file holding the key.
+        insecure: allow a non-loopback ``host`` without a key.
+        max_queue: requests in progress at a time; one more gets 503 with ``Retry-After``.
+
+    Raises:
+        ConfigError: a non-loopback ``host`` without a key or ``insecure``; an unusable key or ``max_queue``. All
+            three are checked before the model loads.
+    """
     import uvicorn
 
-    app = create_app(run_dir, index, max_upload_bytes)
-    print(f"headstart serving {run_dir} on http://{host}:{port}/ (API docs at /docs)", flush=True)
+    key = resolve_api_key(api_key, api_key_file)
+    warnings = [check_bind(host, key, insecure), key_file_warning(api_key_file) if api_key_file else None]
+    _check_max_queue(max_queue)
+    for warning in filter(None, warnings):
+        print(warning, file=sys.stderr, flush=True)  # not progress.log: HEADSTART_QUIET must not hide these
+    app = create_app(run_dir, index, max_upload_bytes, api_key=key, max_queue=max_queue)
+    access = "API key required" if key else "no API key"
+    print(f"headstart serving {run_dir} on http://{host}:{port}/ ({access}; at most {max_queue} requests at a "
+          "time; API docs at /docs)", flush=True)  # fmt: skip
     uvicorn.run(app, host=host, port=port, log_level="warning")
 
 
