@@ -397,6 +397,18 @@ def test_cli_serves_with_a_key_file_or_insecure(
     assert "warning: serving 0.0.0.0 with no API key" in capsys.readouterr().err
     with serve_in_thread(started["app"]) as url:
         assert httpx.get(url + "/health").json()["auth"] == "none"
+        assert httpx.get(url + "/health", headers={"Host": "example.org"}).status_code == 200  # --insecure: any name
+
+
+def test_an_open_service_answers_only_requests_addressed_to_loopback(client: httpx.Client) -> None:
+    """Without a key, a page that reaches the loopback service through DNS rebinding names its own host: refused."""
+    for host in ("localhost", "localhost:8000", "127.0.0.1:8000", "[::1]:8000"):
+        assert client.get("/health", headers={"Host": host}).status_code == 200, host
+    for host in ("attacker.example", "attacker.example:8000", "localhost.attacker.example", "10.0.0.7:8000"):
+        response = client.get("/health", headers={"Host": host})
+        assert response.status_code == 403 and "loopback" in response.json()["detail"], host
+    image = {"files": ("a.jpg", jpeg(0), "image/jpeg")}
+    assert client.post("/predict", files=image, headers={"Host": "attacker.example"}).status_code == 403
 
 
 # --- Overload: a bounded queue --------------------------------------------------------------------------------------

@@ -116,6 +116,15 @@ def check_bind(host: str, api_key: str | None, insecure: bool = False) -> str | 
     return f"warning: serving {host} with no API key (--insecure): anyone who can reach this address can call it"
 
 
+def host_of(headers: list[tuple[bytes, bytes]]) -> str:
+    """The host name a request was addressed to (its ``Host`` header without the port), or ``""``."""
+    for name, value in headers:
+        if name == b"host":
+            host = value.decode("latin-1").strip()
+            return host[1 : host.index("]")] if host.startswith("[") and "]" in host else host.rsplit(":", 1)[0]
+    return ""
+
+
 def is_open(path: str) -> bool:
     """Whether a path is answered without the key. A ``..`` segment closes it: ``/static/../predict`` is not open,
     whatever the router later makes of it."""
@@ -169,12 +178,29 @@ class Guard:
     endpoint), so ``GET /health`` can tell a caller without a key from one with it.
     """
 
-    def __init__(self, app: ASGIApp, key: ApiKey | None, queue: Queue):
+    def __init__(self, app: ASGIApp, key: ApiKey | None, queue: Queue, any_host: bool = False):
         self.app, self.key, self.queue = app, key, queue
+        # Without a key the service trusts whoever reaches it, which on loopback is this machine, unless a web page
+        # reaches it through DNS rebinding: its requests name the attacker's host. So an open service answers only
+        # requests addressed to a loopback name (``--insecure`` lifts this along with the key).
+        self.loopback_hosts_only = key is None and not any_host
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
             await self.app(scope, receive, send)
+            return
+        if self.loopback_hosts_only and not is_loopback(host_of(scope["headers"])):
+            if scope["type"] == "http":
+                await _answer(
+                    send,
+                    403,
+                    "this service has no API key, so it answers only requests addressed to "
+                    "localhost or a loopback address; start it with an API key to serve other names",
+                    [],
+                )
+            else:
+                await receive()
+                await send({"type": "websocket.close", "code": 1008})
             return
         open_path = is_open(scope["path"])
         presented = presented_key(scope["headers"])

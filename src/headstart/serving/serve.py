@@ -222,6 +222,7 @@ def create_app(
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD,
     api_key: str | None = None,
     max_queue: int = DEFAULT_MAX_QUEUE,
+    any_host: bool = False,
 ) -> FastAPI:
     """The web app for a trained model; loads the model (and index) now, once.
 
@@ -232,6 +233,8 @@ def create_app(
         api_key: if given, every request but the page, its static files and a bare ``/health`` must carry it
             (:mod:`headstart.serving.guard`); see :func:`headstart.serving.guard.resolve_api_key` for its sources.
         max_queue: requests in progress at a time; one more gets 503 with ``Retry-After``.
+        any_host: without a key, answer requests addressed to any host name (``--insecure``); else only to loopback
+            names, which closes the service to web pages that reach it through DNS rebinding.
 
     Raises:
         ConfigError: ``max_queue`` below 1.
@@ -246,7 +249,7 @@ def create_app(
     )
     app.state.service = service
     app.state.queue = queue = Queue(max_queue)
-    app.add_middleware(Guard, key=ApiKey(api_key) if api_key else None, queue=queue)
+    app.add_middleware(Guard, key=ApiKey(api_key) if api_key else None, queue=queue, any_host=any_host)
     progress.log(f"model loaded from {run_dir} in {service.load_seconds:.1f} s")
 
     @app.exception_handler(StarletteHTTPException)
@@ -373,7 +376,7 @@ def run(
     _check_max_queue(max_queue)
     for warning in filter(None, warnings):
         print(warning, file=sys.stderr, flush=True)  # not progress.log: HEADSTART_QUIET must not hide these
-    app = create_app(run_dir, index, max_upload_bytes, api_key=key, max_queue=max_queue)
+    app = create_app(run_dir, index, max_upload_bytes, api_key=key, max_queue=max_queue, any_host=insecure)
     access = "API key required" if key else "no API key"
     print(f"headstart serving {run_dir} on http://{host}:{port}/ ({access}; at most {max_queue} requests at a "
           "time; API docs at /docs)", flush=True)  # fmt: skip
