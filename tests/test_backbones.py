@@ -12,7 +12,8 @@ from headstart.errors import BackboneError
 from headstart.models.backbones import BUNDLED, POPULAR, TINY_BACKBONES, Backbone, build_network, create_backbone
 from headstart.models.classifier import Classifier
 
-CONTRACT = (*TINY_BACKBONES, "torchvision/mobilenet_v3_small")
+# mobilenetv3_small_050: a timm network whose pre-logits features are wider than its last feature map (as VGG's).
+CONTRACT = (*TINY_BACKBONES, "torchvision/mobilenet_v3_small", "mobilenetv3_small_050")
 IMAGENET_ANT, IMAGENET_BEE = 310, 309
 
 

@@ -295,7 +295,7 @@ def build_network(
             source = f"file:{weights}"
         return tiny, tiny.num_features, prep, source
     if name.startswith(TORCHVISION_PREFIX):
-        return _torchvision_network(name[len(TORCHVISION_PREFIX) :], pretrained, weights, num_classes)
+        return _torchvision_network(name, name[len(TORCHVISION_PREFIX) :], pretrained, weights, num_classes)
     if name.partition(":")[0].lower() in TIMM_SOURCES:
         return _timm_network(name, name, pretrained, weights, num_classes)
     import timm
@@ -304,7 +304,7 @@ def build_network(
     if timm.is_model(arch):
         return _timm_network(name, arch, pretrained, weights, num_classes)
     if name in _torchvision_models():  # GoogLeNet and the other networks only torchvision has
-        return _torchvision_network(name, pretrained, weights, num_classes)
+        return _torchvision_network(name, name, pretrained, weights, num_classes)
     raise BackboneError(
         f"unknown backbone {name!r}. Common choices: {', '.join(POPULAR)}; any timm model name "
         f"(`headstart backbones --all`), hf-hub:ORG/NAME or torchvision/<name> also works."
@@ -325,7 +325,7 @@ def _timm_network(
     head_prefix = str(net.pretrained_cfg.get("classifier", "classifier"))
     source = "random"
     if weights is not None:
-        load_into(net, timm_checkpoint(net, read_state_dict(Path(weights))), weights, (head_prefix,))
+        load_into(net, _timm_checkpoint(net, read_state_dict(Path(weights))), weights, (head_prefix,))
         source = f"file:{weights}"
     elif pretrained and ":" in arch:
         source = f"hub:{arch.partition(':')[2]}" if arch.lower().startswith("hf") else f"file:{arch.partition(':')[2]}"
@@ -341,10 +341,14 @@ def _timm_network(
     prep = _timm_preprocessing(net)
     if num_classes is not None:
         net.reset_classifier(num_classes)
-    return net, int(net.num_features), prep, source
+    # Without its classifier a timm network returns its pre-logits features: wider than `num_features` (the last
+    # feature map's channels) where a head MLP or convolution comes first (VGG: 4096 against 512; MobileNetV3: 1280
+    # against 960). timm names that width `head_hidden_size`.
+    width = getattr(net, "head_hidden_size", None) or net.num_features
+    return net, int(width), prep, source
 
 
-def timm_checkpoint(net: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _timm_checkpoint(net: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``state`` converted by timm's own filter for the architecture when its names do not fit as they are.
 
     timm applies such a filter to every published file it loads; VGG's turns torchvision's ``classifier.0/3/6``
@@ -375,8 +379,10 @@ def _torchvision_models() -> list[str]:
 
 
 def _torchvision_network(
-    arch: str, pretrained: bool, weights: str | None, num_classes: int | None
+    name: str, arch: str, pretrained: bool, weights: str | None, num_classes: int | None
 ) -> tuple[nn.Module, int, Preprocessing, str]:
+    """A torchvision network: ``name`` as the user wrote it (``googlenet``, ``torchvision/vgg16``), ``arch`` its
+    torchvision name."""
     import torchvision
 
     valid = _torchvision_models()
@@ -393,13 +399,13 @@ def _torchvision_network(
         try:
             state = torchvision.models.get_model_weights(arch).DEFAULT.get_state_dict(progress=False, weights_only=True)
         except Exception as error:  # URLError, HTTPError, OSError...
-            raise _hub_error(arch, error) from error
+            raise _hub_error(name, error) from error
         source = f"hub:torchvision/{arch}.DEFAULT"
     if pretrained and state is None:
         try:
             net = torchvision.models.get_model(arch, weights="DEFAULT")
         except Exception as error:
-            raise _hub_error(arch, error) from error
+            raise _hub_error(name, error) from error
         source = f"hub:torchvision/{arch}.DEFAULT"
     else:
         # Inception v3 and GoogLeNet train with auxiliary classifiers; a feature extractor drops them.
