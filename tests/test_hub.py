@@ -96,20 +96,39 @@ def test_hf_hub_backbone_downloads_once_then_works_offline(hub: FakeHub, monkeyp
     assert "'hf-hub:someone/never-downloaded'" in message and "--weights" in message and "config.json" in message
 
 
-def test_train_and_predict_on_a_hf_hub_backbone_offline(
+def test_a_model_on_a_hf_hub_backbone_travels_and_loads_offline(
     hub: FakeHub, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, image_folder: Path
 ) -> None:
-    """The name is accepted by train, and the model it leaves loads with the network off."""
+    """train accepts the name; the model it leaves, pushed and pulled on a machine with an empty hub cache, loads
+    with the network off (pull also fetched the backbone's config.json, which rebuilds its architecture)."""
+    import huggingface_hub.constants as hf_constants
+
     timm_repo(hub, "someone/test-resnet")
     result = headstart.train(
         image_folder, strategy="extract", backbone="hf-hub:someone/test-resnet", out=tmp_path / "run",
         cache_dir=tmp_path / "cache", **{"run.report": False},
     )  # fmt: skip
+    expected = probabilities(headstart.load(result.run_dir), image_folder / "val")
+    push(result.run_dir, "me/on-a-hub-backbone")
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "another-machine"))
+    folder = pull("me/on-a-hub-backbone")
     go_offline(monkeypatch)
-    model = headstart.load(result.run_dir)
+    model = headstart.load(folder)
     assert model.info["backbone"] == "hf-hub:someone/test-resnet"
-    rows, failed = model.predict(image_folder / "val")
-    assert len(rows) == 10 and not failed
+    np.testing.assert_allclose(probabilities(model, image_folder / "val"), expected, atol=1e-6)
+
+
+def test_local_dir_backbone_is_read_by_timms_rules(tmp_path: Path) -> None:
+    from timm.models import save_for_hf
+
+    torch.manual_seed(3)
+    source = timm.create_model("test_convnext").eval()
+    save_for_hf(source, str(tmp_path / "net"), safe_serialization=True)
+    backbone = create_backbone(f"local-dir:{tmp_path / 'net'}").eval()
+    assert backbone.weights_source == f"file:{tmp_path / 'net'}"
+    x = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        torch.testing.assert_close(backbone(x), source.forward_head(source.forward_features(x), pre_logits=True))
 
 
 def test_unknown_source_prefix_is_an_unknown_backbone() -> None:
