@@ -10,22 +10,27 @@ export on a tiny set through the CLI.
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import time
 import urllib.error
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 import torchvision
+from safetensors.torch import save_file
 from torch import nn
 
 from headstart.cli.app import main
-from headstart.data.transforms import Preprocessing, normalize
+from headstart.data.transforms import Preprocessing, eval_tensor, normalize
 from headstart.errors import BackboneError
 from headstart.models.backbones import create_backbone, offline_weights, weights_hint
+from headstart.models.classifier import load_classifier
 from test_weights import _randomise_bn
-
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 IMAGENET = Preprocessing(224, 256, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "bilinear")
 
@@ -43,6 +48,7 @@ def published_torchvision(arch: str) -> nn.Module:
     return net
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_googlenet_is_torchvisions_under_its_bare_name() -> None:
     backbone = create_backbone("googlenet", pretrained=False)
     assert isinstance(backbone.net, torchvision.models.GoogLeNet)
@@ -50,6 +56,7 @@ def test_googlenet_is_torchvisions_under_its_bare_name() -> None:
     assert backbone.preprocessing.mean == backbone.preprocessing.std == (0.5, 0.5, 0.5)
 
 
+@pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize(("name", "arch", "size"), [("googlenet", "googlenet", 224),
                                                      ("torchvision/inception_v3", "inception_v3", 299)])  # fmt: skip
 def test_published_inception_files_keep_their_input_scaling(name: str, arch: str, size: int, tmp_path: Path) -> None:
@@ -76,6 +83,7 @@ def test_published_inception_files_keep_their_input_scaling(name: str, arch: str
         torch.testing.assert_close(rebuilt.eval()(normalize(pixels, prep)), features, rtol=0, atol=0)
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_torch_hub_cache_is_an_offline_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Without the network: a clear error naming --weights; once the file is in the torch hub cache, it is used."""
 
@@ -102,9 +110,126 @@ def test_torch_hub_cache_is_an_offline_source(tmp_path: Path, monkeypatch: pytes
         torch.testing.assert_close(backbone(x), source(x))
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_backbones_lists_where_weights_are_and_how_to_get_them(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["backbones"]) == 0
     out = capsys.readouterr().out
     for name in ("googlenet", "vgg16", "inception_v3", "inception_v4", "resnet152", "nasnetalarge"):
         assert f"│ {name} " in out, name
     assert "--weights FILE" in out and "bundled" in out
+
+
+# -- the slow end-to-end run ----------------------------------------------------------------------------------------
+
+# (registry name as users write it, library whose names the file uses, file suffix, input side, normalisation mean)
+SEED = [
+    ("googlenet", "torchvision", ".pth", 224, 0.5),
+    ("vgg16", "torchvision", ".pth", 224, 0.485),  # timm's VGG, from torchvision's file (classifier -> conv layers)
+    ("inception_v3", "torchvision", ".pth", 299, 0.5),  # timm's Inception v3, from torchvision's file (AuxLogits)
+    ("inception_v4", "timm", ".safetensors", 299, 0.5),
+    ("resnet152", "timm", ".safetensors", 224, 0.485),
+    ("nasnetalarge", "timm", ".safetensors", 331, 0.5),
+]
+
+
+def published_file(name: str, library: str, path: Path) -> Path:
+    """The network with random weights, saved in the names (and with the extra tensors) of its published file."""
+    torch.manual_seed(0)
+    if library == "torchvision":
+        state = published_torchvision(name).state_dict()
+    else:
+        net = timm.create_model(name).eval()
+        _randomise_bn(net)
+        state = net.state_dict()
+    if path.suffix == ".safetensors":
+        save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    else:
+        torch.save(state, path)
+    return path
+
+
+def cli(*args: str) -> None:
+    assert main(list(args)) == 0, args
+
+
+def batch(run: Path, images: list[Path]) -> torch.Tensor:
+    """The images as the run's preprocessing (from model.json) makes them."""
+    prep = Preprocessing.from_dict(json.loads((run / "model.json").read_text())["preprocessing"])
+    return normalize(torch.stack([eval_tensor(f, prep) for f in images]), prep)
+
+
+def close(got: torch.Tensor, want: torch.Tensor) -> bool:
+    """Equal up to float rounding, judged on the whole tensor: random weights make some activations huge."""
+    return bool((got - want).norm() <= 1e-4 * want.norm())
+
+
+def onnx_matches_pytorch(run: Path, images: list[Path]) -> None:
+    """The exported classifier's logits are PyTorch's, within float32 rounding of the head's dot products.
+
+    With random backbone weights every image's features are nearly alike, so the fitted head's weights are huge and
+    its logits are small differences of large terms: the bound scales with those terms (sum of |w| |f|).
+    """
+    import onnxruntime as ort
+
+    model, _ = load_classifier(run)
+    x = batch(run, images)
+    with torch.inference_mode():
+        features, want = model.embed(x), model(x)
+    got = torch.from_numpy(ort.InferenceSession(str(run / "classifier.onnx")).run(None, {"images": x.numpy()})[0])
+    assert got.shape == want.shape == (len(images), 2)
+    weight, bias = model.head.weight.detach(), model.head.bias.detach()
+    terms = features.abs() @ weight.abs().T + bias.abs()
+    assert ((got - want).abs() <= 1e-4 * terms + 1e-5).all(), (got, want, terms)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+@pytest.mark.parametrize(("name", "library", "suffix", "size", "mean"), SEED, ids=[s[0] for s in SEED])
+def test_seed_backbone_from_its_published_file_offline(
+    name: str, library: str, suffix: str, size: int, mean: float, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    folder_factory: Callable[..., Path],
+) -> None:  # fmt: skip
+    """extract, one fine-tuning step, predict and ONNX export from `--weights FILE`, with the network off."""
+    import huggingface_hub.constants as hf_constants
+
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "no-torch-hub"))
+    started = time.perf_counter()
+    laps: list[str] = []
+
+    def lap(step: str) -> None:
+        laps.append(f"{step} {time.perf_counter() - started:.0f} s")
+
+    data = folder_factory("data", {"train": 2, "val": 1})
+    weights = published_file(name, library, tmp_path / f"{name}{suffix}")
+    common = ["--backbone", name, "--weights", str(weights), "--batch-size", "4", "--precision", "fp32",
+              "--cache-dir", str(tmp_path / "cache"), "--no-report"]  # fmt: skip
+    try:
+        cli("train", str(data), "--strategy", "extract", "--out", str(tmp_path / "extract"), *common)
+        info = json.loads((tmp_path / "extract" / "model.json").read_text())
+        assert info["preprocessing"]["input_size"] == size and info["preprocessing"]["mean"][0] == mean
+        assert info["weights_source"] == f"file:{weights}"
+        # The network rebuilt from the run folder (as predict, serve and export build it) is the file's network:
+        # same input scaling, auxiliary heads dropped, every tensor in place.
+        val = sorted((data / "val").rglob("*.jpg"))
+        x = batch(tmp_path / "extract", val)
+        with torch.inference_mode():
+            reference = create_backbone(name, weights=str(weights)).eval()(x)
+            assert close(load_classifier(tmp_path / "extract")[0].embed(x), reference)
+        lap("extract")
+
+        cli("train", str(data), "--strategy", "finetune", "--epochs", "1", "--out", str(tmp_path / "finetune"), *common)
+        rows = [json.loads(line) for line in (tmp_path / "finetune" / "metrics.jsonl").read_text().splitlines()]
+        assert rows[-1]["phase"] == "train" and rows[-1]["epoch"] == 1  # one epoch of 4 images at batch 4: one step
+        lap("finetune")
+        cli("predict", str(tmp_path / "finetune"), str(data / "val"), "--top-k", "2",
+            "--output", str(tmp_path / "predictions.json"))  # fmt: skip
+        predictions = json.loads((tmp_path / "predictions.json").read_text())
+        assert len(predictions) == 2 and {p["label"] for p in predictions} <= {"horizontal", "vertical"}
+        lap("predict")
+        cli("export", str(tmp_path / "finetune"), "--format", "onnx")
+        onnx_matches_pytorch(tmp_path / "finetune", val)
+        lap("export")
+    finally:
+        print(f"\n{name}: {', '.join(laps)}")  # cumulative; the README quotes these (pytest -s)
+        shutil.rmtree(tmp_path, ignore_errors=True)  # gigabytes for VGG: not kept among pytest's last three runs

@@ -21,7 +21,6 @@ from typing import Any
 
 from headstart.errors import HeadstartError
 
-HUB_PREFIX = "hf-hub:"  # timm's prefix for hub names; headstart.load("hf-hub:org/name") reads the same way
 # What a model repository holds, and all that pull fetches (a repository may hold more, such as figures).
 MODEL_FILES = ("model.safetensors", "model.json", "config.yaml", "metrics.json")
 CARD = "README.md"
@@ -33,7 +32,7 @@ class HubError(HeadstartError, OSError):
 
 
 def is_hub_ref(ref: str | Path) -> bool:
-    """Whether ``ref`` names a hub repository the way timm does (``hf-hub:org/name``, ``hf_hub:`` too)."""
+    """Whether ``ref`` names a hub repository the way timm does (``hf-hub:org/name``; ``hf_hub:`` too)."""
     return isinstance(ref, str) and ref.partition(":")[0].lower() in ("hf-hub", "hf_hub") and ":" in ref
 
 
