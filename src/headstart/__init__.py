@@ -5,6 +5,7 @@ The public API, loaded on first use so that ``import headstart`` (and the CLI) s
     import headstart
     result = headstart.train("data/", strategy="extract")
     model = headstart.load(result.run_dir)
+    headstart.push(result.run_dir, "my-org/my-model")  # later, anywhere: headstart.load("hf-hub:my-org/my-model")
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ _EXPORTS = {
     "audit": "headstart.insight.audit",
     "rank": "headstart.insight.rank",
     "export": "headstart.serving.export",
+    "push": "headstart.serving.hub",
+    "pull": "headstart.models.hub",
 }
 __all__ = [
     "ImageIndex",
@@ -49,6 +52,8 @@ __all__ = [
     "list_backbones",
     "load",
     "load_dataset",
+    "pull",
+    "push",
     "rank",
     "resume",
     "train",
@@ -65,7 +70,9 @@ if TYPE_CHECKING:
     from headstart.insight.rank import rank
     from headstart.insight.report import build_report
     from headstart.models.backbones import create_backbone, list_backbones
+    from headstart.models.hub import pull
     from headstart.serving.export import export
+    from headstart.serving.hub import push
     from headstart.training.autoencoder import train_autoencoder
     from headstart.training.compare import compare
     from headstart.training.run import TrainResult, resume, train

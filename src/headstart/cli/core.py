@@ -190,13 +190,16 @@ def _backbones(args: argparse.Namespace) -> int:
     from rich.markup import escape
     from rich.table import Table
 
-    from headstart.models.backbones import list_backbones
+    from headstart.models.backbones import list_backbones, weights_hint
 
-    table = Table("backbone", "offline weights", "notes")
+    table = Table("backbone", "offline weights", "weights: where, or how to get them", "notes")
     for name, offline, note in list_backbones(all_models=args.all):
-        table.add_row(escape(name), "yes" if offline else "-", escape(note))
+        table.add_row(escape(name), "yes" if offline else "-", escape(weights_hint(name, offline)), escape(note))
     Console().print(table)
-    print("Any timm model name and torchvision/<name> work; without offline weights they download when online.")
+    print(
+        "Any timm model name, hf-hub:ORG/NAME and torchvision/<name> work; without offline weights they download when "
+        "online. --weights FILE (.safetensors or .pth, in timm's or torchvision's names) works offline for any."
+    )
     return 0
 
 

@@ -23,6 +23,7 @@ from headstart.hardware import pick_device, resolve_precision
 from headstart.insight.metrics import classification_metrics
 from headstart.models.backbones import Backbone, fingerprint_tensors
 from headstart.models.classifier import Classifier, head_from_tensors, load_classifier, read_model_info
+from headstart.models.hub import is_hub_ref, pull
 from headstart.models.prepared import PreparedBackbone
 
 
@@ -201,8 +202,11 @@ def class_mapping(dataset: Dataset, classes: Sequence[str], model: str = "the mo
 
 
 def load(run: str | Path) -> Model:
-    """Load a trained model from its run folder (no download, no code execution); a frozen-backbone model builds its
+    """Load a trained model from its run folder, or from the hub as ``hf-hub:org/name[@revision]`` (downloaded once
+    into the hub cache, then read from there, offline too); no code is executed. A frozen-backbone model builds its
     network only when an image is not in the feature cache."""
+    if is_hub_ref(run):
+        run = pull(str(run))
     info = read_model_info(Path(run))
     if info.get("kind") != "classifier":
         raise ValueError(f"{run} holds a {info.get('kind')!r} model, not a classifier")

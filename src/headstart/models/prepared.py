@@ -35,7 +35,7 @@ from headstart.models.backbones import (
 )
 from headstart.models.weights import BUNDLED
 
-FORMAT = "1"  # bump when the stored layout or the key changes
+FORMAT = "2"  # bump when the stored layout or the key changes (2: torchvision Inception scaling, timm widths)
 
 
 def source_key(name: str, weights: str | None) -> str | None:
