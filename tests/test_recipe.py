@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -142,3 +143,20 @@ def test_frozen_model_is_served_from_the_feature_cache(
     probs, _ = model.predict_proba(sorted((image_folder / "val").rglob("*.jpg")))
     direct = torch.softmax(model.classifier(torch.zeros(1, 3, 64, 64)), 1)  # the network still answers directly
     assert probs.shape[1] == direct.shape[1] == 2
+
+
+def test_a_class_of_one_training_image_trains_at_a_fixed_strength_and_says_so(
+    folder_factory: Callable[..., Path], tiny_weights: Path, tmp_path: Path
+) -> None:
+    """No split keeps a one-image class on both sides of a fold, so C is fixed, and the recipe line says why."""
+    data = folder_factory("one", {"train": 1, "val": 2})
+    headstart.train(
+        data, backbone="tiny_cnn", weights=str(tiny_weights), out=str(tmp_path / "run"),
+        cache_dir=str(tmp_path / "cache"), precision="fp32", num_workers=0,
+        **{"run.report": False, "run.audit": False},
+    )  # fmt: skip
+    info = json.loads((tmp_path / "run" / "model.json").read_text())
+    assert "C=1.0" in info["recipe"] and "a class has a single training image" in info["recipe"]
+    assert "chosen by cross-validation" not in info["recipe"]
+    predictions, skipped = headstart.load(tmp_path / "run").predict(sorted((data / "val").rglob("*.jpg")))
+    assert len(predictions) == 4 and not skipped

@@ -33,6 +33,10 @@ CV_GTOL = 1e-5
 # images of 3,840 features and 100 classes the full search takes tens of minutes on 2 CPU cores; a few thousand
 # images already rank 7 strengths an order of magnitude apart.
 CV_MAX_IMAGES = 4000
+# With a class of one image, no split leaves that class in both a training and a test fold: cross-validation cannot
+# rank anything, so the head is fitted at scikit-learn's default strength (and the first scaling asked for), and its
+# summary says why.
+DEFAULT_C = 1.0
 
 
 def _standardise(features: np.ndarray, scaling: str = "feature") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -220,6 +224,12 @@ def _choose_c(
     return best, accs, losses[best], _mean_start(best_starts)
 
 
+def _smallest_class(labels: np.ndarray, groups: np.ndarray) -> int:
+    """Images (groups) in the smallest class present."""
+    counts = np.bincount(labels[np.unique(groups, return_index=True)[1]])
+    return int(counts[counts > 0].min())
+
+
 def _mean_start(starts: list[np.ndarray | None]) -> np.ndarray | None:
     """The folds' solutions averaged: a warm start for the fit on every row (None where folds differ in shape, i.e.
     a class was missing from some fold's training rows)."""
@@ -252,6 +262,9 @@ def fit_logistic(
     candidates = SCALINGS if scaling == "auto" else (scaling,)
     problem = _Problem(features, candidates[0])
     start = None
+    images = np.arange(len(labels)) if groups is None else groups
+    if (c is None or len(candidates) > 1) and _smallest_class(labels, images) < 2:
+        c, candidates, info["cv_skipped"] = c or DEFAULT_C, candidates[:1], "a class has a single training image"
     if c is None or len(candidates) > 1:
         best: tuple[float, _Problem, float, float, np.ndarray | None] | None = None  # (loss, problem, C, acc, start)
         for name in candidates:
