@@ -11,7 +11,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 
 from headstart.data.scan import Dataset, ImageRecord, collect_files, load_dataset
 from headstart.data.transforms import Preprocessing
@@ -22,6 +21,14 @@ from headstart.files import default_cache_root
 from headstart.hardware import pick_device, resolve_precision
 from headstart.insight.metrics import classification_metrics
 from headstart.models.backbones import Backbone, fingerprint_tensors
+from headstart.models.checks import (
+    HEAD_TENSORS,
+    INFO_FILE,
+    check_classifier,
+    checked_preprocessing,
+    read_weights,
+    weight_shapes,
+)
 from headstart.models.classifier import Classifier, head_from_tensors, load_classifier, read_model_info
 from headstart.models.prepared import PreparedBackbone
 
@@ -82,7 +89,7 @@ class Model:
         backbone = self._feature_backbone()
         features = embed(backbone, items, batch_size=batch_size, precision=self.precision, device=self.device,
                          description="predicting")  # fmt: skip
-        head = head_from_tensors(self.info, backbone.saved)
+        head = head_from_tensors(self.info, backbone.saved, self.run_dir)
         with torch.inference_mode():
             logits = head(torch.from_numpy(features.features).float()).numpy()
         values = np.zeros((len(items), len(self.classes)), dtype=np.float32)
@@ -94,7 +101,7 @@ class Model:
     def _feature_backbone(self) -> SavedBackbone:
         """The frozen backbone described from the run folder (read and fingerprinted once per loaded model)."""
         if self._saved is None:
-            self._saved = SavedBackbone(self, load_file(str(self.run_dir / "model.safetensors")))
+            self._saved = SavedBackbone(self, read_weights(self.run_dir))
         return self._saved
 
     def predict_proba(
@@ -203,11 +210,17 @@ def class_mapping(dataset: Dataset, classes: Sequence[str], model: str = "the mo
 def load(run: str | Path) -> Model:
     """Load a trained model from its run folder (no download, no code execution); a frozen-backbone model builds its
     network only when an image is not in the feature cache."""
-    info = read_model_info(Path(run))
+    folder = Path(run)
+    info = read_model_info(folder)
     if info.get("kind") != "classifier":
         raise ValueError(f"{run} holds a {info.get('kind')!r} model, not a classifier")
     if info.get("frozen_backbone"):
-        return Model(None, info, Path(run))
+        # The network is built (and the weights read) on first need; the files' agreement is checked now, from the
+        # weights' header, so that a mismatch is reported here rather than as a failed array operation later.
+        head = HEAD_TENSORS["knn" if info.get("head", {}).get("type") == "knn" else "linear"]
+        check_classifier(info, weight_shapes(folder, head), folder)
+        checked_preprocessing(info.get("preprocessing"), folder / INFO_FILE)
+        return Model(None, info, folder)
     classifier, info = load_classifier(Path(run))
     return Model(classifier, info, Path(run))
 
