@@ -95,9 +95,9 @@ def verify(folder: Path, name: str, data: bytes, remedy: str) -> bool:
             return True
     path, expected = folder / name, int(accepted[0]["size"])
     if len(data) < expected:
-        problem = f"is truncated ({len(data):,} of {expected:,} bytes)"
+        problem = f"is truncated or replaced ({len(data):,} bytes where {expected:,} were written)"
     elif len(data) > expected:
-        problem = f"has {len(data):,} bytes where {expected:,} were written: it was modified or replaced"
+        problem = f"was modified or replaced ({len(data):,} bytes where {expected:,} were written)"
     else:
         problem = f"was modified after it was written (its SHA-256 differs from the one in {folder / MANIFEST})"
     raise IntegrityError(f"{path} {problem}; {remedy}")

@@ -184,7 +184,12 @@ def load_yaml(cls: type[T], path: Path) -> T:
         values = yaml.safe_load(text)
     except yaml.YAMLError as error:
         raise ConfigError(_yaml_problem(path, error)) from error
-    return from_dict(cls, values or {}, where=str(path))
+    try:
+        return from_dict(cls, values or {}, where=str(path))
+    except ConfigError as error:
+        if str(path) in str(error):
+            raise
+        raise ConfigError(f"{path}: {error}") from error  # a check across fields, which knows no file
 
 
 def _yaml_problem(path: Path, error: yaml.YAMLError) -> str:

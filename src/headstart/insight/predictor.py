@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from headstart.data.transforms import Preprocessing
 from headstart.errors import DataError
 from headstart.features.embeddings import embed
 from headstart.features.inference import Outputs, run_model
-from headstart.files import default_cache_root
+from headstart.files import atomic_write_bytes, default_cache_root
 from headstart.hardware import pick_device, resolve_precision
 from headstart.insight.metrics import classification_metrics
 from headstart.models.backbones import Backbone, fingerprint_tensors
@@ -226,24 +227,21 @@ def load(run: str | Path) -> Model:
 
 
 def write_predictions(rows: list[Prediction], path: Path) -> None:
-    """Write predictions as CSV (one row per image) or JSON, by the file's suffix."""
+    """Write predictions as CSV (one row per image) or JSON, by the file's suffix (atomically)."""
     if path.suffix.lower() == ".json":
-        path.write_text(
-            json.dumps(
-                [{"path": str(r.path), "label": r.label, "probability": r.probability, "top": r.top} for r in rows],
-                indent=2,
-            )
-        )
+        records = [{"path": str(r.path), "label": r.label, "probability": r.probability, "top": r.top} for r in rows]
+        atomic_write_bytes(path, json.dumps(records, indent=2).encode())
         return
     k = max((len(r.top) for r in rows), default=1)
-    with path.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        header = ["path", "label", "probability"]
-        for j in range(2, k + 1):
-            header += [f"label_{j}", f"probability_{j}"]
-        writer.writerow(header)
-        for r in rows:
-            line = [str(r.path), r.label, f"{r.probability:.6f}"]
-            for name, p in r.top[1:]:
-                line += [name, f"{p:.6f}"]
-            writer.writerow(line)
+    text = io.StringIO()
+    writer = csv.writer(text)
+    header = ["path", "label", "probability"]
+    for j in range(2, k + 1):
+        header += [f"label_{j}", f"probability_{j}"]
+    writer.writerow(header)
+    for r in rows:
+        line = [str(r.path), r.label, f"{r.probability:.6f}"]
+        for name, p in r.top[1:]:
+            line += [name, f"{p:.6f}"]
+        writer.writerow(line)
+    atomic_write_bytes(path, text.getvalue().encode())

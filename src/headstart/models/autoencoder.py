@@ -33,7 +33,7 @@ from headstart import config as cfg
 from headstart.data.transforms import Preprocessing
 from headstart.errors import IntegrityError
 from headstart.models.backbones import Backbone, create_backbone, register_prefix
-from headstart.models.checks import checked_preprocessing, read_info, read_weights
+from headstart.models.checks import checked_preprocessing, read_info, read_weights, require
 from headstart.models.freezing import keep_frozen_in_eval
 
 FORMAT_VERSION = 1
@@ -244,9 +244,10 @@ def load_autoencoder(run: str | Path) -> tuple[Autoencoder, dict[str, Any]]:
     path = folder / "model.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found; is {folder} a run folder made by `headstart autoencoder train`?")
-    info = read_info(folder, AE_RETRAIN, required=("kind", "config", "preprocessing"))
+    info = read_info(folder, AE_RETRAIN)
     if info.get("kind") != "autoencoder":
         raise ValueError(f"{folder} holds a {info.get('kind')!r} model, not an autoencoder; use run:{folder} instead")
+    require(info, ("config", "preprocessing"), folder, AE_RETRAIN)
     config = cfg.from_dict(AutoencoderConfig, info["config"], where=str(path))
     prep = checked_preprocessing(info["preprocessing"], path, AE_RETRAIN)
     state = read_weights(folder, AE_RETRAIN)

@@ -27,12 +27,12 @@ INTERPOLATIONS = ("bilinear", "bicubic")
 HEAD_TENSORS = {"linear": ("head.weight", "head.bias"), "knn": ("head.bank", "head.labels")}
 
 
-def read_info(folder: Path, remedy: str = RETRAIN, required: tuple[str, ...] = ()) -> dict[str, Any]:
-    """A run folder's ``model.json``, verified against the folder's checksums, with ``required`` keys present.
+def read_info(folder: Path, remedy: str = RETRAIN) -> dict[str, Any]:
+    """A run folder's ``model.json``, verified against the folder's checksums.
 
     Raises:
         FileNotFoundError: there is no ``model.json`` (not a run folder).
-        IntegrityError: it is truncated, modified, not JSON, or lacks a required key.
+        IntegrityError: it is truncated, modified, or not a JSON object.
     """
     path = folder / INFO_FILE
     if not path.is_file():
@@ -44,10 +44,18 @@ def read_info(folder: Path, remedy: str = RETRAIN, required: tuple[str, ...] = (
         raise IntegrityError(f"{path} is not valid JSON ({error}); {remedy}") from error
     if not isinstance(info, dict):
         raise IntegrityError(f"{path} holds a {type(info).__name__}, not a model description; {remedy}")
-    missing = [key for key in required if key not in info]
-    if missing:
-        raise IntegrityError(f"{path} lacks {', '.join(repr(k) for k in missing)}; {remedy}")
     return info
+
+
+def require(info: dict[str, Any], keys: tuple[str, ...], folder: Path, remedy: str = RETRAIN) -> None:
+    """Check that ``model.json`` holds ``keys``.
+
+    Raises:
+        IntegrityError: naming the missing keys.
+    """
+    missing = [key for key in keys if key not in info]
+    if missing:
+        raise IntegrityError(f"{folder / INFO_FILE} lacks {', '.join(repr(k) for k in missing)}; {remedy}")
 
 
 def read_weights(folder: Path, remedy: str = RETRAIN) -> dict[str, torch.Tensor]:
@@ -75,12 +83,12 @@ def weight_shapes(folder: Path, keys: tuple[str, ...], remedy: str = RETRAIN) ->
             differs from the one written (truncated, modified).
     """
     path = folder / WEIGHTS_FILE
+    if not path.is_file():
+        raise IntegrityError(f"{path} is missing: the run folder has a model.json but no weights; {remedy}")
     try:
         with safe_open(str(path), framework="pt") as handle:
             names = set(handle.keys())
             return {key: tuple(handle.get_slice(key).get_shape()) for key in keys if key in names}
-    except FileNotFoundError as error:
-        raise IntegrityError(f"{path} is missing: the run folder has a model.json but no weights; {remedy}") from error
     except (OSError, SafetensorError) as error:
         verify(folder, WEIGHTS_FILE, path.read_bytes(), remedy)  # the precise reason, where checksums say it
         raise IntegrityError(f"{path} cannot be read ({error}): it is truncated or damaged; {remedy}") from error
@@ -98,9 +106,6 @@ def check_classifier(info: dict[str, Any], shapes: dict[str, tuple[int, ...]], f
         raise IntegrityError(f'{path} has no usable class list ("classes" must be a list of names); {RETRAIN}')
     if len(set(classes)) != len(classes):
         raise IntegrityError(f"{path} lists a class twice ({_names(classes)}); {RETRAIN}")
-    if info.get("num_classes", len(classes)) != len(classes):
-        raise IntegrityError(f"{path} lists {len(classes)} classes but says num_classes {info['num_classes']}; "
-                             f"{RETRAIN}")  # fmt: skip
     head = info.get("head")
     knn = isinstance(head, dict) and head.get("type") == "knn"
     for needed in HEAD_TENSORS["knn" if knn else "linear"]:
@@ -114,6 +119,9 @@ def check_classifier(info: dict[str, Any], shapes: dict[str, tuple[int, ...]], f
             f"{shapes[key][0]} outputs: the two files come from different models; {RETRAIN}, or put back the "
             "model.json written with these weights"
         )
+    if info.get("num_classes", len(classes)) != len(classes):
+        raise IntegrityError(f"{path} lists {len(classes)} classes but says num_classes {info['num_classes']}; "
+                             f"{RETRAIN}")  # fmt: skip
     if "num_features" in info and shapes[key][-1] != info["num_features"]:
         raise IntegrityError(f"{path} says the backbone gives {info['num_features']} features but the head in "
                              f"{weights} takes {shapes[key][-1]}; {RETRAIN}")  # fmt: skip

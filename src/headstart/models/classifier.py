@@ -30,6 +30,7 @@ from headstart.models.checks import (
     checked_preprocessing,
     read_info,
     read_weights,
+    require,
 )
 from headstart.models.freezing import freeze, keep_frozen_in_eval
 
@@ -186,9 +187,10 @@ def load_classifier(folder: Path) -> tuple[Classifier, dict[str, Any]]:
             preprocessing and backbone, weights and architecture); the message names the file and what to do.
     """
     folder = Path(folder)
-    info = read_info(folder, required=REQUIRED)
+    info = read_info(folder)
     if info.get("kind") != "classifier":
         raise ValueError(f"{folder} holds a {info.get('kind')!r} model, not a classifier")
+    require(info, REQUIRED, folder)
     state = read_weights(folder)
     check_classifier(info, {k: tuple(v.shape) for k, v in state.items() if k.startswith("head.")}, folder)
     prep = checked_preprocessing(info["preprocessing"], folder / INFO_FILE)
