@@ -303,3 +303,23 @@ def test_saved_files_are_readable_like_any_other(tmp_path: Path) -> None:
     mask = os.umask(0)
     os.umask(mask)
     assert (tmp_path / "model.bin").stat().st_mode & 0o777 == 0o666 & ~mask  # mkstemp alone would give 0600
+
+
+def test_a_library_reporting_a_full_disk_in_words_is_a_storage_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """safetensors reports a failed write as its own error, with the OS error in the text (as Rust prints it)."""
+    import torch
+    from safetensors import SafetensorError
+
+    from headstart import files
+
+    def full(*args: object, **kwargs: object) -> None:
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    files.save_tensors({"w": torch.ones(3)}, tmp_path / "w.safetensors")
+    monkeypatch.setattr(files, "save_file", full)
+    with pytest.raises(StorageError, match=r"cannot write .*w\.safetensors: no space left on the device") as caught:
+        files.save_tensors({"w": torch.zeros(3)}, tmp_path / "w.safetensors")
+    assert caught.value.errno == 28
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w.safetensors"]  # the old file, no temporary one

@@ -18,23 +18,25 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from headstart.errors import IntegrityError
-from headstart.files import commit, discard, stage
+from headstart.files import Content, commit, discard, stage
 
 MANIFEST = "checksums.json"
 FORMAT = 1
 
 
-def write_files(folder: Path, files: Mapping[str, bytes]) -> None:
+def write_files(folder: Path, files: Mapping[str, Content]) -> None:
     """Write files into ``folder`` and record their checksums; all of them, or (on a failed write) none.
 
     Args:
         folder: the folder holding ``checksums.json``.
-        files: contents by name relative to ``folder`` (``/``-separated, e.g. ``checkpoints/last.pt``).
+        files: contents by name relative to ``folder`` (``/``-separated, e.g. ``checkpoints/last.pt``): bytes, or
+            a function that writes the file (see :data:`headstart.files.Content`).
 
     Raises:
         StorageError: a file cannot be written (disk full, permission denied, read-only); every file and the
@@ -42,11 +44,11 @@ def write_files(folder: Path, files: Mapping[str, bytes]) -> None:
     """
     staged: list[tuple[Path, Path]] = []
     try:
-        for name, data in files.items():
-            staged.append(stage(folder / name, data))
+        for name, content in files.items():
+            staged.append(stage(folder / name, content))
         recorded = _read(folder, strict=False)
-        for name, data in files.items():
-            entry = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+        for name, (tmp, _) in zip(files, staged, strict=True):
+            entry = _checksum(tmp)  # of the bytes on the disk, whoever wrote them
             # The version being replaced stays valid until the rename below has happened.
             recorded[name] = [entry] + [old for old in recorded.get(name, [])[:1] if old != entry]
         document = {"format": FORMAT, "algorithm": "sha256", "files": dict(sorted(recorded.items()))}
@@ -101,6 +103,15 @@ def verify(folder: Path, name: str, data: bytes, remedy: str) -> bool:
     else:
         problem = f"was modified after it was written (its SHA-256 differs from the one in {folder / MANIFEST})"
     raise IntegrityError(f"{path} {problem}; {remedy}")
+
+
+def _checksum(path: Path) -> dict[str, Any]:
+    """SHA-256 and size of a file, hashed from a memory map (no copy of a large file in memory)."""
+    size = path.stat().st_size
+    if not size:
+        return {"sha256": hashlib.sha256(b"").hexdigest(), "size": 0}
+    with path.open("rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as view:
+        return {"sha256": hashlib.sha256(view).hexdigest(), "size": size}
 
 
 def _read(folder: Path, strict: bool, remedy: str = "") -> dict[str, list[dict[str, Any]]]:

@@ -13,13 +13,15 @@ import errno
 import functools
 import os
 import platform
+import re
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors.torch import save
+from safetensors.torch import save_file
 
 from headstart.errors import StorageError
 
@@ -99,8 +101,13 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     commit([stage(path, data)])
 
 
-def stage(path: Path, data: bytes) -> tuple[Path, Path]:
-    """Write ``data`` to a temporary file beside ``path`` and flush it to the disk; :func:`commit` puts it in place.
+# A file's contents: its bytes, or a function that writes the file at the path it is given (safetensors streams
+# tensors to a file; building the same bytes in memory first costs twice the time).
+Content = bytes | Callable[[str], None]
+
+
+def stage(path: Path, content: Content) -> tuple[Path, Path]:
+    """Write ``content`` to a temporary file beside ``path`` and flush it to the disk; :func:`commit` puts it in place.
 
     Writing every file of a group first means that a full disk stops the group before any file has changed.
 
@@ -114,18 +121,34 @@ def stage(path: Path, data: bytes) -> tuple[Path, Path]:
     tmp: str | None = None
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
+        if isinstance(content, bytes):
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(content)
+                handle.flush()
+                os.fsync(handle.fileno())
+        else:
+            os.close(fd)
+            content(tmp)
+            with open(tmp, "rb") as handle:
+                os.fsync(handle.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes private files; a saved model is as readable as any other
     except BaseException as error:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
-        if isinstance(error, OSError):
-            raise storage_error(error, path) from error
+        failure = _os_error(error)
+        if failure is not None:
+            raise storage_error(failure, path) from error
         raise
     return Path(tmp), path
+
+
+def _os_error(error: BaseException) -> OSError | None:
+    """The operating-system error behind ``error``: itself, or one a library reports in its message the way Rust's
+    ``std::io::Error`` prints (safetensors: "I/O error: No space left on device (os error 28)")."""
+    if isinstance(error, OSError):
+        return error
+    match = re.search(r"\(os error (\d+)\)", str(error))
+    return OSError(int(match[1]), os.strerror(int(match[1]))) if match else None
 
 
 def commit(staged: list[tuple[Path, Path]]) -> None:
@@ -147,14 +170,15 @@ def discard(staged: list[tuple[Path, Path]]) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def tensor_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
-    """Tensors serialised as a safetensors file (on the CPU, contiguous)."""
-    return save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, metadata=metadata)
+def tensor_file(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Callable[[str], None]:
+    """What writes tensors as a safetensors file (on the CPU, contiguous), for :func:`stage`."""
+    flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    return functools.partial(save_file, flat, metadata=metadata)
 
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
     """Atomically write tensors as safetensors."""
-    atomic_write_bytes(path, tensor_bytes(tensors, metadata))
+    commit([stage(path, tensor_file(tensors, metadata))])
 
 
 def storage_error(error: OSError, path: Path) -> StorageError:

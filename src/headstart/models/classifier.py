@@ -18,7 +18,7 @@ from torch import nn
 
 from headstart.checksums import write_files
 from headstart.errors import IntegrityError
-from headstart.files import tensor_bytes, versions
+from headstart.files import tensor_file, versions
 from headstart.models.backbones import Backbone, create_backbone, register_prefix
 from headstart.models.checks import (
     INFO_FILE,
@@ -155,7 +155,7 @@ def write_classifier(
         "versions": versions(),
         **meta,
     }
-    write_files(folder, {WEIGHTS_FILE: tensor_bytes(tensors, {"format": "headstart"}), INFO_FILE: info_bytes(info)})
+    write_files(folder, {WEIGHTS_FILE: tensor_file(tensors, {"format": "headstart"}), INFO_FILE: info_bytes(info)})
 
 
 def info_bytes(info: dict[str, Any]) -> bytes:

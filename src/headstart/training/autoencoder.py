@@ -26,7 +26,7 @@ from headstart.data.transforms import MemoryDataset, Preprocessing, decode_all, 
 from headstart.errors import DataError
 from headstart.features.embeddings import embed
 from headstart.features.inference import run_model
-from headstart.files import default_cache_root, new_run_dir, tensor_bytes, versions
+from headstart.files import default_cache_root, new_run_dir, tensor_file, versions
 from headstart.hardware import autocast, pick_device, resolve_precision
 from headstart.models.autoencoder import (
     AE_RETRAIN,
@@ -300,7 +300,7 @@ class _RunWriter:
     def best(self, _: nn.Module, metrics: dict[str, Any]) -> None:
         """Save the model of a better epoch, with its figures in ``model.json``."""
         self.info.update(best_epoch=metrics["epoch"], val_loss=metrics["val_loss"])
-        weights = tensor_bytes(self.model.state_dict(), {"format": "headstart"})
+        weights = tensor_file(self.model.state_dict(), {"format": "headstart"})
         write_files(
             self.run_dir, {"model.safetensors": weights, "model.json": json.dumps(self.info, indent=2).encode()}
         )
