@@ -7,7 +7,9 @@ hand edit would, and runs the real CLI: the command must end with ``headstart CM
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -256,16 +258,26 @@ def test_a_failed_write_changes_nothing(tmp_path: Path, monkeypatch: pytest.Monk
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     real, calls = checksums.stage, []
 
-    def second_fails(path: Path, data: bytes) -> tuple[Path, Path]:
+    def second_fails(path: Path, data: bytes, sync: bool = True) -> tuple[Path, Path]:
         calls.append(path)
         if len(calls) == 2:
             raise StorageError(f"cannot write {path}: no space left on the device (the disk is full)")
-        return real(path, data)
+        return real(path, data, sync)
 
     monkeypatch.setattr(checksums, "stage", second_fails)
     with pytest.raises(StorageError, match="disk is full"):
         write_files(tmp_path, {"a.bin": b"new a", "b.bin": b"new b"})
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # and no temporary file
+    monkeypatch.undo()
+
+    def late(fd: int) -> None:  # file systems that allocate late report a full disk when the data is flushed
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", late)
+    with pytest.raises(StorageError, match=r"cannot write .*a\.bin: no space left on the device"):
+        write_files(tmp_path, {"a.bin": b"new a", "b.bin": b"new b"})
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 
 
 def test_a_crash_between_manifest_and_rename_leaves_a_readable_folder(

@@ -20,11 +20,12 @@ import hashlib
 import json
 import mmap
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from headstart.errors import IntegrityError
-from headstart.files import Content, commit, discard, stage
+from headstart.files import Content, commit, discard, flush, stage
 
 MANIFEST = "checksums.json"
 FORMAT = 1
@@ -45,10 +46,13 @@ def write_files(folder: Path, files: Mapping[str, Content]) -> None:
     staged: list[tuple[Path, Path]] = []
     try:
         for name, content in files.items():
-            staged.append(stage(folder / name, content))
+            staged.append(stage(folder / name, content, sync=False))
+        with ThreadPoolExecutor(max_workers=1) as pool:  # hashing (which releases the GIL) overlaps the disk flush
+            sums = pool.map(_checksum, [tmp for tmp, _ in staged])  # of the bytes on the disk, whoever wrote them
+            flush(staged)
+            entries = list(sums)
         recorded = _read(folder, strict=False)
-        for name, (tmp, _) in zip(files, staged, strict=True):
-            entry = _checksum(tmp)  # of the bytes on the disk, whoever wrote them
+        for name, entry in zip(files, entries, strict=True):
             # The version being replaced stays valid until the rename below has happened.
             recorded[name] = [entry] + [old for old in recorded.get(name, [])[:1] if old != entry]
         document = {"format": FORMAT, "algorithm": "sha256", "files": dict(sorted(recorded.items()))}

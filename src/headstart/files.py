@@ -91,14 +91,20 @@ def make_folder(path: Path) -> None:
         raise storage_error(error, path) from error
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: Path, data: bytes, sync: bool = True) -> None:
     """Write a file so that a crash or a failed write leaves either the old file or the new one, never a torn one.
+
+    Args:
+        path: the file.
+        data: its new contents.
+        sync: flush the file to the disk before it replaces the old one, so that it also survives a power cut; logs
+            that are rewritten whole (``metrics.jsonl``) can skip the wait.
 
     Raises:
         StorageError: the file cannot be written (disk full, permission denied, read-only folder, size limit); the
             previous file, if any, is untouched and no temporary file is left behind.
     """
-    commit([stage(path, data)])
+    commit([stage(path, data, sync)])
 
 
 # A file's contents: its bytes, or a function that writes the file at the path it is given (safetensors streams
@@ -106,8 +112,9 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 Content = bytes | Callable[[str], None]
 
 
-def stage(path: Path, content: Content) -> tuple[Path, Path]:
-    """Write ``content`` to a temporary file beside ``path`` and flush it to the disk; :func:`commit` puts it in place.
+def stage(path: Path, content: Content, sync: bool = True) -> tuple[Path, Path]:
+    """Write ``content`` to a temporary file beside ``path`` (and flush it to the disk unless ``sync`` is False: then
+    call :func:`flush`); :func:`commit` puts it in place.
 
     Writing every file of a group first means that a full disk stops the group before any file has changed.
 
@@ -124,14 +131,12 @@ def stage(path: Path, content: Content) -> tuple[Path, Path]:
         if isinstance(content, bytes):
             with os.fdopen(fd, "wb") as handle:
                 handle.write(content)
-                handle.flush()
-                os.fsync(handle.fileno())
         else:
             os.close(fd)
             content(tmp)
-            with open(tmp, "rb") as handle:
-                os.fsync(handle.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes private files; a saved model is as readable as any other
+        if sync:
+            _fsync(Path(tmp))
     except BaseException as error:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
@@ -140,6 +145,25 @@ def stage(path: Path, content: Content) -> tuple[Path, Path]:
             raise storage_error(failure, path) from error
         raise
     return Path(tmp), path
+
+
+def flush(staged: list[tuple[Path, Path]]) -> None:
+    """Flush staged files to the disk (where a full disk may still show: file systems allocate late).
+
+    Raises:
+        StorageError: as for :func:`atomic_write_bytes`; every staged file is removed.
+    """
+    for tmp, path in staged:
+        try:
+            _fsync(tmp)
+        except OSError as error:
+            discard(staged)
+            raise storage_error(error, path) from error
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
 
 
 def _os_error(error: BaseException) -> OSError | None:

@@ -283,7 +283,7 @@ def _save_frozen(
         result.model = Classifier(network, num_classes, config.model.drop_rate, head=head)
         result.model.freeze_backbone()
     entry = {"epoch": 0, "phase": "head", **_summary(baseline), **info}
-    atomic_write_bytes(run_dir / "metrics.jsonl", (json.dumps(entry) + "\n").encode())
+    atomic_write_bytes(run_dir / "metrics.jsonl", (json.dumps(entry) + "\n").encode(), sync=False)
     result.history = [entry]
     # The model's head runs in fp32 on the same features, so these are the saved model's own metrics.
     result.metrics = baseline
@@ -304,7 +304,7 @@ def _finish_run(result: TrainResult, dataset: Dataset, run_dir: Path, reload: bo
     info["train_seconds"] = round(time.perf_counter() - started, 2)
     write_model_info(run_dir, info)
     metrics = {"val": result.metrics, "test": result.test_metrics}
-    atomic_write_bytes(run_dir / "metrics.json", json.dumps(metrics, indent=2).encode())
+    atomic_write_bytes(run_dir / "metrics.json", json.dumps(metrics, indent=2).encode(), sync=False)
 
 
 def _write_report(run_dir: Path, dataset: Dataset) -> None:

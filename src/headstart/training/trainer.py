@@ -224,7 +224,7 @@ class Trainer:
     def _write_history(self) -> None:
         """Write ``metrics.jsonl``, one row per finished epoch (rewritten whole: a full disk never tears it)."""
         rows = "".join(json.dumps(entry) + "\n" for entry in self.history)
-        atomic_write_bytes(self.run_dir / "metrics.jsonl", rows.encode())
+        atomic_write_bytes(self.run_dir / "metrics.jsonl", rows.encode(), sync=False)
 
     def _resumable(self, error: StorageError) -> StorageError:
         """``error`` (a failed write in the run folder), saying how to carry on once the disk has room."""
