@@ -183,7 +183,7 @@ def _train_args(data: Path, weights: Path, run: Path, cache: Path) -> list[str]:
 def _assert_resumable(run: Path, line: str, capsys: pytest.CaptureFixture[str]) -> None:
     """After a write failed: the message says how to go on, the checkpoint is the first epoch's and intact, no
     temporary file is left; then ``--resume`` finishes the run."""
-    assert f"the last checkpoint is intact: once there is space, continue with --resume {run}" in line
+    assert line.endswith(f"; the last checkpoint is intact: free some space, then continue with --resume {run}")
     data = read_verified(run, "checkpoints/last.pt", "")
     state = torch.load(io.BytesIO(data), weights_only=True)
     assert int(state["epoch"]) == 1

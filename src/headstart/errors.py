@@ -42,6 +42,8 @@ class StorageError(HeadstartError, OSError):
     """A file cannot be written: the disk is full, permission is denied, the folder is read-only. What was written
     before is intact."""
 
+    reason = ""  # the message without its advice ("cannot write FILE: the disk is full"), for callers who know better
+
 
 def debug() -> bool:
     """Whether tracebacks are wanted (``HEADSTART_DEBUG`` set to anything but empty or ``0``)."""

@@ -215,6 +215,7 @@ def storage_error(error: OSError, path: Path) -> StorageError:
     what, todo = _WRITE_FAILURES.get(error.errno or 0, (error.strerror or str(error), "check the folder and try again"))
     failure = StorageError(f"cannot write {path}: {what}; {todo}")
     failure.errno = error.errno  # (not filename: OSError's text would then be built from errno and filename)
+    failure.reason = f"cannot write {path}: {what}"
     return failure
 
 

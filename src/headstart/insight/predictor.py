@@ -27,10 +27,12 @@ from headstart.models.checks import (
     INFO_FILE,
     check_classifier,
     checked_preprocessing,
+    head_type,
     read_weights,
+    require,
     weight_shapes,
 )
-from headstart.models.classifier import Classifier, head_from_tensors, load_classifier, read_model_info
+from headstart.models.classifier import REQUIRED, Classifier, head_from_tensors, load_classifier, read_model_info
 from headstart.models.prepared import PreparedBackbone
 
 
@@ -218,12 +220,12 @@ def load(run: str | Path) -> Model:
     if info.get("frozen_backbone"):
         # The network is built (and the weights read) on first need; the files' agreement is checked now, from the
         # weights' header, so that a mismatch is reported here rather than as a failed array operation later.
-        head = HEAD_TENSORS["knn" if info.get("head", {}).get("type") == "knn" else "linear"]
-        check_classifier(info, weight_shapes(folder, head), folder)
-        checked_preprocessing(info.get("preprocessing"), folder / INFO_FILE)
+        require(info, REQUIRED, folder)
+        check_classifier(info, weight_shapes(folder, HEAD_TENSORS[head_type(info)]), folder)
+        checked_preprocessing(info["preprocessing"], folder / INFO_FILE)
         return Model(None, info, folder)
-    classifier, info = load_classifier(Path(run))
-    return Model(classifier, info, Path(run))
+    classifier, info = load_classifier(folder)
+    return Model(classifier, info, folder)
 
 
 def write_predictions(rows: list[Prediction], path: Path) -> None:

@@ -106,9 +106,8 @@ def check_classifier(info: dict[str, Any], shapes: dict[str, tuple[int, ...]], f
         raise IntegrityError(f'{path} has no usable class list ("classes" must be a list of names); {RETRAIN}')
     if len(set(classes)) != len(classes):
         raise IntegrityError(f"{path} lists a class twice ({_names(classes)}); {RETRAIN}")
-    head = info.get("head")
-    knn = isinstance(head, dict) and head.get("type") == "knn"
-    for needed in HEAD_TENSORS["knn" if knn else "linear"]:
+    knn = head_type(info) == "knn"
+    for needed in HEAD_TENSORS[head_type(info)]:
         if needed not in shapes:
             raise IntegrityError(f"{weights} holds no {needed} tensor, which the head described in {path} needs; "
                                  f"{RETRAIN}")  # fmt: skip
@@ -125,6 +124,12 @@ def check_classifier(info: dict[str, Any], shapes: dict[str, tuple[int, ...]], f
     if "num_features" in info and shapes[key][-1] != info["num_features"]:
         raise IntegrityError(f"{path} says the backbone gives {info['num_features']} features but the head in "
                              f"{weights} takes {shapes[key][-1]}; {RETRAIN}")  # fmt: skip
+
+
+def head_type(info: dict[str, Any]) -> str:
+    """``knn`` or ``linear``: the head ``model.json`` describes."""
+    head = info.get("head")
+    return "knn" if isinstance(head, dict) and head.get("type") == "knn" else "linear"
 
 
 def check_knn_labels(info: dict[str, Any], labels: torch.Tensor, folder: Path) -> None:

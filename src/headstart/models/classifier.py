@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 
 FORMAT_VERSION = 1
 # What model.json must hold for a classifier to be rebuilt from it.
-REQUIRED = ("kind", "classes", "backbone", "num_classes", "head", "preprocessing")
+REQUIRED = ("kind", "classes", "backbone", "num_classes", "num_features", "head", "preprocessing")
 
 
 class KNNHead(nn.Module):

@@ -229,11 +229,11 @@ class Trainer:
     def _resumable(self, error: StorageError) -> StorageError:
         """``error`` (a failed write in the run folder), saying how to carry on once the disk has room."""
         if self._checkpoint_path().is_file():
-            hint = f"the last checkpoint is intact: once there is space, continue with --resume {self.run_dir}"
+            hint = f"the last checkpoint is intact: free some space, then continue with --resume {self.run_dir}"
         else:
-            hint = "no checkpoint was written yet: start the run again once there is space"
-        failure = StorageError(f"{error}; {hint}")
-        failure.errno = error.errno
+            hint = "no checkpoint was written yet: free some space, then start the run again"
+        failure = StorageError(f"{error.reason or error}; {hint}")
+        failure.errno, failure.reason = error.errno, error.reason
         return failure
 
     def _zero_totals(self) -> tuple[float, ...]:
