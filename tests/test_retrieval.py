@@ -102,7 +102,7 @@ def test_corrupt_and_mismatched_files_give_clear_errors(vectors: np.ndarray, tmp
         ImageIndex.load(tmp_path / "nowhere")
     blob = (folder / "index.faiss").read_bytes()
     (folder / "index.faiss").write_bytes(blob[: len(blob) // 2])
-    with pytest.raises(IndexFileError, match=r"index\.faiss does not match .*meta\.json.*[Rr]ebuild"):
+    with pytest.raises(IndexFileError, match=r"index\.faiss is truncated .*[Rr]ebuild"):
         ImageIndex.load(folder)
     (folder / "index.faiss").write_bytes(blob)
     ImageIndex.load(folder)
@@ -111,7 +111,7 @@ def test_corrupt_and_mismatched_files_give_clear_errors(vectors: np.ndarray, tmp
     small.add(vectors[:10])
     small.save(other)
     (folder / "items.csv").write_bytes((other / "items.csv").read_bytes())
-    with pytest.raises(IndexFileError, match=r"items\.csv does not match"):
+    with pytest.raises(IndexFileError, match=r"items\.csv (is truncated|was modified)"):
         ImageIndex.load(folder)
     (folder / "meta.json").write_text("{not json")
     with pytest.raises(IndexFileError, match=r"meta\.json is corrupt"):

@@ -3,6 +3,8 @@
 Every field carries one comment saying what it does and why it has its default. Fields left as ``None`` in
 :class:`OptimConfig` are filled per strategy by :func:`headstart.training.strategies.resolve_optim`, and the resolved
 configuration is what a run folder stores. Unknown keys are errors, so a typo in a YAML file never passes silently.
+Files are read with ``yaml.safe_load``: a config holds plain values only, and a tag such as ``!!python/object`` is a
+:class:`~headstart.errors.ConfigError`, like any other unusable value.
 """
 
 from __future__ import annotations
@@ -14,6 +16,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
+
+from headstart.errors import ConfigError
+from headstart.files import atomic_write_bytes
 
 STRATEGIES = ("auto", "extract", "finetune", "scratch")
 
@@ -96,13 +101,13 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
-            raise ValueError(f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
+            raise ConfigError(f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
         if self.run.precision not in ("auto", "bf16", "fp32"):
-            raise ValueError(f"unknown precision {self.run.precision!r}; choose auto, bf16 or fp32")
+            raise ConfigError(f"unknown precision {self.run.precision!r}; choose auto, bf16 or fp32")
         if self.run.class_weights not in ("none", "auto"):
-            raise ValueError(f"unknown class_weights {self.run.class_weights!r}; choose none or auto")
+            raise ConfigError(f"unknown class_weights {self.run.class_weights!r}; choose none or auto")
         if not 0.0 < self.data.val_fraction < 1.0:
-            raise ValueError(f"val_fraction must lie strictly between 0 and 1, got {self.data.val_fraction}")
+            raise ConfigError(f"val_fraction must lie strictly between 0 and 1, got {self.data.val_fraction}")
 
 
 T = TypeVar("T")
@@ -122,11 +127,11 @@ def from_dict(cls: type[T], values: dict[str, Any], where: str = "config") -> T:
         where: dotted location used in error messages.
     """
     if not isinstance(values, dict):
-        raise ValueError(f"{where} must be a mapping, got {type(values).__name__}")
+        raise ConfigError(f"{where} must be a mapping, got {type(values).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(values) - set(fields))
     if unknown:
-        raise ValueError(f"unknown key(s) {unknown} in {where}; valid keys: {', '.join(fields)}")
+        raise ConfigError(f"unknown key(s) {unknown} in {where}; valid keys: {', '.join(fields)}")
     hints = typing.get_type_hints(cls)
     kwargs: dict[str, Any] = {}
     for name, value in values.items():
@@ -146,7 +151,7 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     if value is None:
         if type(None) in allowed:
             return None
-        raise ValueError(f"{where} may not be empty")
+        raise ConfigError(f"{where} may not be empty")
     for kind in allowed:
         if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
@@ -155,17 +160,48 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         if kind in (str, bool) and isinstance(value, kind):
             return value
     names = ", ".join(getattr(k, "__name__", str(k)) for k in allowed)
-    raise ValueError(f"{where} must be {names}, got {value!r}")
+    raise ConfigError(f"{where} must be {names}, got {value!r}")
 
 
 def save_yaml(config: Any, path: Path) -> None:
-    """Write a config dataclass as YAML."""
-    path.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    """Write a config dataclass as YAML (atomically)."""
+    atomic_write_bytes(path, yaml.safe_dump(to_dict(config), sort_keys=False).encode())
 
 
 def load_yaml(cls: type[T], path: Path) -> T:
-    """Read a config dataclass from YAML, strictly."""
-    return from_dict(cls, yaml.safe_load(path.read_text()) or {}, where=str(path))
+    """Read a config dataclass from YAML, strictly.
+
+    Raises:
+        ConfigError: the file is missing or unreadable, is not YAML, holds a tag that would build a Python object,
+            or has an unknown key or an unusable value; the message names the file (and line) and what to do.
+    """
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as error:
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+        raise ConfigError(f"cannot read config file {path}: {reason}") from error
+    try:
+        values = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ConfigError(_yaml_problem(path, error)) from error
+    try:
+        return from_dict(cls, values or {}, where=str(path))
+    except ConfigError as error:
+        if str(path) in str(error):
+            raise
+        raise ConfigError(f"{path}: {error}") from error  # a check across fields, which knows no file
+
+
+def _yaml_problem(path: Path, error: yaml.YAMLError) -> str:
+    """One line saying where and why a config file is not usable YAML."""
+    mark = getattr(error, "problem_mark", None)
+    where = f"{path}, line {mark.line + 1}" if mark is not None else str(path)
+    problem = str(getattr(error, "problem", None) or error).split("\n")[0]
+    if "constructor for the tag" in problem:
+        tag = problem.split("'")[1] if "'" in problem else "?"
+        return (f"{where}: the tag {tag.replace('tag:yaml.org,2002:', '!!')} is refused: a config holds plain values "
+                "(numbers, strings, lists, mappings), never Python objects; remove the tag")  # fmt: skip
+    return f"{where}: not valid YAML ({problem}); fix the file, or start from a run folder's config.yaml"
 
 
 def replace(config: T, **changes: Any) -> T:
@@ -181,7 +217,7 @@ def replace(config: T, **changes: Any) -> T:
     valid = [f.name for f in dataclasses.fields(config)]  # type: ignore[arg-type]
     unknown = sorted((set(flat) | set(nested)) - set(valid))
     if unknown:
-        raise ValueError(f"unknown key(s) {unknown} in {type(config).__name__}; valid keys: {', '.join(valid)}")
+        raise ConfigError(f"unknown key(s) {unknown} in {type(config).__name__}; valid keys: {', '.join(valid)}")
     for head, sub in nested.items():
         flat[head] = replace(getattr(config, head), **sub)
     return dataclasses.replace(config, **flat)  # type: ignore[type-var]

@@ -42,12 +42,15 @@ class StorageError(HeadstartError, OSError):
     """A file cannot be written: the disk is full, permission is denied, the folder is read-only. What was written
     before is intact."""
 
+    reason = ""  # the message without its advice ("cannot write FILE: the disk is full"), for callers who know better
+
 
 def debug() -> bool:
     """Whether tracebacks are wanted (``HEADSTART_DEBUG`` set to anything but empty or ``0``)."""
     return os.environ.get("HEADSTART_DEBUG", "") not in ("", "0")
 
 
-USER_ERRORS: tuple[type[BaseException], ...] = (
-    () if debug() else (HeadstartError, FileExistsError, FileNotFoundError, ValueError)
-)  # fmt: skip
+# What the CLI reports as a message: headstart's own errors, any failure to read or write a file (OSError: missing,
+# unreadable, disk full, permission denied, read-only), and bad values (ValueError, which the hierarchy's classes
+# mostly are, and which the libraries raise for unusable input). Everything else is a bug and keeps its traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (HeadstartError, OSError, ValueError)

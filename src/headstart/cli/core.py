@@ -158,6 +158,7 @@ def _print_result(result: Any) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    from headstart.files import atomic_write_bytes
     from headstart.insight.metrics import format_metrics
     from headstart.insight.predictor import load
 
@@ -166,7 +167,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     if metrics.get("skipped"):
         print(f"\nskipped {len(metrics['skipped'])} unreadable file(s)")
     if args.json_out:
-        Path(args.json_out).write_text(json.dumps(metrics, indent=2))
+        atomic_write_bytes(Path(args.json_out), json.dumps(metrics, indent=2).encode())
     return 0
 
 

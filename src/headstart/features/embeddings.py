@@ -7,8 +7,11 @@ Every entry carries a CRC-32; a corrupt one is detected, deleted and recomputed,
 
 from __future__ import annotations
 
+import csv
 import functools
 import hashlib
+import io
+import json
 import os
 import struct
 import zlib
@@ -20,7 +23,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from headstart import progress
+from headstart.checksums import read_verified, write_files
 from headstart.data.scan import ImageRecord, content_digest
+from headstart.errors import IntegrityError, StorageError
 from headstart.features.inference import run_model
 from headstart.files import atomic_write_bytes, default_cache_root
 from headstart.hardware import distributed, pick_device, resolve_precision
@@ -28,10 +34,15 @@ from headstart.models.backbones import Backbone
 from headstart.models.prepared import PreparedBackbone, load_backbone
 
 _CRC = struct.Struct("<I")
+MATRIX_FILE, IDS_FILE, META_FILE = "embeddings.npy", "ids.csv", "meta.json"  # what `headstart embed` writes
 
 
 class FeatureCache:
-    """One folder of feature vectors for one (backbone weights, preprocessing, precision, view) combination."""
+    """One folder of feature vectors for one (backbone weights, preprocessing, precision, view) combination.
+
+    The cache only saves time: a damaged entry is discarded and computed again, and a cache that cannot be written
+    (disk full, read-only) is skipped; :meth:`notes` says so.
+    """
 
     def __init__(self, root: Path, key: str, dim: int):
         self.folder = root / "features" / key
@@ -39,6 +50,7 @@ class FeatureCache:
         self.hits = 0
         self.misses = 0
         self.corrupt = 0
+        self.unwritable: StorageError | None = None  # the first failed write; no other is tried
 
     def _path(self, digest: str) -> Path:
         return self.folder / digest[:2] / f"{digest}.f32"
@@ -48,7 +60,7 @@ class FeatureCache:
         path = self._path(digest)
         try:
             data = path.read_bytes()
-        except FileNotFoundError:
+        except OSError:  # absent, or unreadable: computed again either way
             self.misses += 1
             return None
         body, tail = data[:-4], data[-4:]
@@ -62,8 +74,24 @@ class FeatureCache:
 
     def put(self, digest: str, vector: np.ndarray) -> None:
         """Store a vector atomically."""
+        if self.unwritable is not None:
+            return
         body = np.ascontiguousarray(vector, dtype=np.float32).tobytes()
-        atomic_write_bytes(self._path(digest), body + _CRC.pack(zlib.crc32(body)))
+        try:
+            atomic_write_bytes(self._path(digest), body + _CRC.pack(zlib.crc32(body)))
+        except StorageError as error:
+            self.unwritable = error
+
+    def notes(self) -> list[str]:
+        """One line per thing the user should know: damaged entries recomputed, a cache that could not be written."""
+        notes = []
+        if self.corrupt:
+            notes.append(f"feature cache: {self.corrupt} damaged entr{'y' if self.corrupt == 1 else 'ies'} in "
+                         f"{self.folder} discarded and computed again")  # fmt: skip
+        if self.unwritable is not None:
+            notes.append(f"feature cache not filled, so these features will be computed again next time: "
+                         f"{self.unwritable} (or make room with `headstart cache clear`)")  # fmt: skip
+        return notes
 
 
 def cache_key(backbone: Backbone | PreparedBackbone, precision: str, view: str = "center") -> str:
@@ -174,6 +202,8 @@ def embed(
             augment=augment,
         )  # fmt: skip
         failed = _compute_shares(run, records, todo, cache, features, ok, world, rank)
+    for note in cache.notes() if cache is not None and rank == 0 else ():
+        progress.log(f"[yellow]{note}")
     index = np.flatnonzero(ok)
     out = features[index]
     if l2_normalize:
@@ -301,11 +331,9 @@ def write_embeddings(
     Under ``torchrun``/``accelerate launch`` the images are sharded across the processes and merged in input order;
     rank 0 writes the files.
 
-    ``ids.csv`` has one row per embedding row: ``path,label,split,digest`` (label empty when unknown).
+    ``ids.csv`` has one row per embedding row: ``path,label,split,digest`` (label empty when unknown). The three are
+    written together, with their checksums in ``checksums.json``; :func:`load_embeddings` reads them back, checked.
     """
-    import csv
-    import json
-
     from headstart.models.backbones import create_backbone
 
     root = default_cache_root(cache_dir)
@@ -321,14 +349,12 @@ def write_embeddings(
     )  # fmt: skip
     if rank != 0:
         return result  # every rank holds the merged result; one writes it
-    out.mkdir(parents=True, exist_ok=True)
-    np.save(out / "embeddings.npy", result.features)
-    with (out / "ids.csv").open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["path", "label", "split", "digest"])
-        for i in result.index:
-            r = records[i]
-            writer.writerow([str(r.path), classes[r.label] if r.label >= 0 and classes else "", splits[i], r.digest])
+    rows = io.StringIO()
+    writer = csv.writer(rows)
+    writer.writerow(["path", "label", "split", "digest"])
+    for i in result.index:
+        r = records[i]
+        writer.writerow([str(r.path), classes[r.label] if r.label >= 0 and classes else "", splits[i], r.digest])
     meta = {
         "backbone": model.name,
         "weights_source": model.weights_source,
@@ -340,5 +366,42 @@ def write_embeddings(
         "classes": classes,
         "failed": [[str(p), why] for p, why in result.failed],
     }
-    (out / "meta.json").write_text(json.dumps(meta, indent=2))
+    matrix = io.BytesIO()
+    np.save(matrix, result.features, allow_pickle=False)
+    files = {
+        MATRIX_FILE: matrix.getvalue(),
+        IDS_FILE: rows.getvalue().encode(),
+        META_FILE: json.dumps(meta, indent=2).encode(),
+    }
+    write_files(out, files)  # with their checksums: read them back with load_embeddings
     return result
+
+
+def load_embeddings(folder: str | os.PathLike[str]) -> tuple[np.ndarray, list[dict[str, str]], dict[str, Any]]:
+    """Read what ``headstart embed`` wrote: the matrix, one ``ids.csv`` row per matrix row, and ``meta.json``.
+
+    Every file is checked against the folder's ``checksums.json`` and the three against each other.
+
+    Raises:
+        IntegrityError: a file is missing, truncated or modified, or the files disagree.
+    """
+    root = Path(folder)
+    remedy = "write the embeddings again with `headstart embed`"
+    try:
+        matrix = np.load(io.BytesIO(read_verified(root, MATRIX_FILE, remedy)), allow_pickle=False)
+        rows = list(csv.DictReader(io.StringIO(read_verified(root, IDS_FILE, remedy).decode())))
+        meta = json.loads(read_verified(root, META_FILE, remedy))
+    except FileNotFoundError as error:
+        raise FileNotFoundError(
+            f"{error.filename} not found; is {root} a folder written by `headstart embed`?"
+        ) from error
+    except IntegrityError:
+        raise
+    except (ValueError, EOFError) as error:  # a folder without checksums: numpy, csv and json find the damage
+        raise IntegrityError(f"{root}: unreadable embeddings ({type(error).__name__}: {error}); {remedy}") from error
+    if matrix.ndim != 2 or len(rows) != matrix.shape[0] or list(matrix.shape) != meta.get("shape", list(matrix.shape)):
+        raise IntegrityError(
+            f"{root}: {MATRIX_FILE} holds {list(matrix.shape)}, {IDS_FILE} {len(rows)} rows and {META_FILE} says "
+            f"{meta.get('shape')}: the files do not belong together; {remedy}"
+        )
+    return matrix, rows, meta

@@ -6,11 +6,14 @@ An index folder holds three files:
   the same across additions and removals;
 * ``items.csv``: ``id,path,label,digest`` for every indexed image;
 * ``meta.json``: backbone name, weights fingerprint and source, preprocessing, precision, dimension, index kind and
-  its parameters, class names, the next free id, and the SHA-256 of the other two files.
+  its parameters, class names, the next free id, and the SHA-256 of the other two files;
+
+written together, with the checksums of all three in ``checksums.json`` (see :mod:`headstart.checksums`): a full disk
+leaves the previous index whole, and a file replaced, edited or torn behind the index's back is refused on load.
+(Folders written before ``checksums.json`` existed are checked against the SHA-256 sums in ``meta.json``.)
 
 A query is embedded with the backbone and preprocessing recorded in ``meta.json`` and refused when that backbone's
-weights fingerprint differs from the index's: vectors from two networks are not comparable. The checksums catch an
-index file replaced or torn behind the metadata's back.
+weights fingerprint differs from the index's: vectors from two networks are not comparable.
 
 Scores are inner products of unit vectors, i.e. cosine similarities; results come in FAISS's ``(scores, ids)``
 order. Exact (``flat``) search is the default; ``ivf`` and ``hnsw`` trade a little recall for speed on large
@@ -33,24 +36,26 @@ from typing import Any
 import faiss
 import numpy as np
 
+from headstart.checksums import verify, write_files
 from headstart.data.scan import ImageRecord, collect_files
 from headstart.data.transforms import Preprocessing
-from headstart.errors import DataError
+from headstart.errors import ConfigError, DataError, IntegrityError
 from headstart.features.embeddings import as_records, dataset_or_files, embed
-from headstart.files import atomic_write_bytes, default_cache_root
+from headstart.files import default_cache_root
 from headstart.hardware import distributed, pick_device, resolve_precision
 from headstart.models.backbones import DEFAULT_BACKBONE, Backbone, create_backbone
 
 FORMAT_VERSION = 1
 KINDS = ("flat", "ivf", "hnsw")
 INDEX_FILE, ITEMS_FILE, META_FILE = "index.faiss", "items.csv", "meta.json"
+REBUILD = "rebuild the index with `headstart index build`"
 
 
-class IndexFileError(ValueError):
+class IndexFileError(IntegrityError):
     """An index folder that is missing, corrupt, or inconsistent; the message names the file and what to do."""
 
 
-class BackboneMismatchError(ValueError):
+class BackboneMismatchError(ConfigError):
     """A query embedded by a different network (or different weights) than the index."""
 
 
@@ -221,7 +226,7 @@ class ImageIndex:
     # -- persistence -------------------------------------------------------------------------------------------------
 
     def save(self, folder: str | Path) -> None:
-        """Write ``index.faiss``, ``items.csv`` and ``meta.json`` (each atomically; the metadata last)."""
+        """Write ``index.faiss``, ``items.csv`` and ``meta.json``, all three or (on a failed write) none."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         index_bytes = b"" if self.index is None else faiss.serialize_index(self.index).tobytes()
@@ -231,8 +236,6 @@ class ImageIndex:
         for item in self.items.values():
             writer.writerow([item.id, item.path, item.label, item.digest])
         items_bytes = text.getvalue().encode()
-        atomic_write_bytes(folder / INDEX_FILE, index_bytes)
-        atomic_write_bytes(folder / ITEMS_FILE, items_bytes)
         meta = {
             **self.meta,
             "format": FORMAT_VERSION,
@@ -243,7 +246,11 @@ class ImageIndex:
             "next_id": self.next_id,
             "sha256": {INDEX_FILE: _sha256(index_bytes), ITEMS_FILE: _sha256(items_bytes)},
         }
-        atomic_write_bytes(folder / META_FILE, json.dumps(meta, indent=2).encode())
+        # Together: a failed write (disk full) leaves the previous index whole. meta.json keeps the two checksums for
+        # readers older than checksums.json.
+        write_files(
+            folder, {INDEX_FILE: index_bytes, ITEMS_FILE: items_bytes, META_FILE: json.dumps(meta, indent=2).encode()}
+        )
 
     @classmethod
     def load(cls, folder: str | Path) -> ImageIndex:
@@ -256,13 +263,14 @@ class ImageIndex:
         meta_path = folder / META_FILE
         if not meta_path.is_file():
             raise IndexFileError(f"{meta_path} not found; is {folder} an index folder made by `headstart index build`?")
+        meta_bytes = meta_path.read_bytes()
         try:
-            meta = json.loads(meta_path.read_text())
+            meta = json.loads(meta_bytes)
             kind, dim, params = meta["kind"], int(meta["dim"]), dict(meta["params"])
             sums, count, next_id = dict(meta["sha256"]), int(meta["count"]), int(meta["next_id"])
         except (ValueError, KeyError, TypeError) as error:
-            raise IndexFileError(f"{meta_path} is corrupt ({type(error).__name__}: {error}); rebuild the index "
-                                 "with `headstart index build`") from error  # fmt: skip
+            raise IndexFileError(f"{meta_path} is corrupt ({type(error).__name__}: {error}); {REBUILD}") from error
+        checked = _verify(folder, META_FILE, meta_bytes)
         if meta.get("format") != FORMAT_VERSION:
             raise IndexFileError(f"{meta_path} has format {meta.get('format')!r}; this headstart reads format "
                                  f"{FORMAT_VERSION}. Rebuild the index with `headstart index build`.")  # fmt: skip
@@ -272,7 +280,9 @@ class ImageIndex:
             if not path.is_file():
                 raise IndexFileError(f"{path} is missing; the index folder is incomplete, rebuild it")
             blobs[name] = path.read_bytes()
-            if _sha256(blobs[name]) != sums.get(name):
+            if checked:
+                _verify(folder, name, blobs[name])
+            elif _sha256(blobs[name]) != sums.get(name):  # a folder older than checksums.json
                 raise IndexFileError(
                     f"{path} does not match {meta_path} (checksum differs): it was modified, truncated or copied "
                     "from another index. Rebuild the index with `headstart index build`."
@@ -339,6 +349,18 @@ class ImageIndex:
 
 
 _OWN_KEYS = {"format", "kind", "params", "dim", "count", "next_id", "sha256"}
+
+
+def _verify(folder: Path, name: str, data: bytes) -> bool:
+    """Check a file of an index folder against its ``checksums.json``; False for a folder written before those.
+
+    Raises:
+        IndexFileError: the file is truncated or modified, or the manifest is damaged.
+    """
+    try:
+        return verify(folder, name, data, REBUILD)
+    except IntegrityError as error:
+        raise IndexFileError(str(error)) from error
 
 
 # -- images in, images out -------------------------------------------------------------------------------------------

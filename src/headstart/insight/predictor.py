@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -11,18 +12,27 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 
 from headstart.data.scan import Dataset, ImageRecord, collect_files, load_dataset
 from headstart.data.transforms import Preprocessing
 from headstart.errors import DataError
 from headstart.features.embeddings import embed
 from headstart.features.inference import Outputs, run_model
-from headstart.files import default_cache_root
+from headstart.files import atomic_write_bytes, default_cache_root
 from headstart.hardware import pick_device, resolve_precision
 from headstart.insight.metrics import classification_metrics
 from headstart.models.backbones import Backbone, fingerprint_tensors
-from headstart.models.classifier import Classifier, head_from_tensors, load_classifier, read_model_info
+from headstart.models.checks import (
+    HEAD_TENSORS,
+    INFO_FILE,
+    check_classifier,
+    checked_preprocessing,
+    head_type,
+    read_weights,
+    require,
+    weight_shapes,
+)
+from headstart.models.classifier import REQUIRED, Classifier, head_from_tensors, load_classifier, read_model_info
 from headstart.models.hub import is_hub_ref, pull
 from headstart.models.prepared import PreparedBackbone
 
@@ -83,7 +93,7 @@ class Model:
         backbone = self._feature_backbone()
         features = embed(backbone, items, batch_size=batch_size, precision=self.precision, device=self.device,
                          description="predicting")  # fmt: skip
-        head = head_from_tensors(self.info, backbone.saved)
+        head = head_from_tensors(self.info, backbone.saved, self.run_dir)
         with torch.inference_mode():
             logits = head(torch.from_numpy(features.features).float()).numpy()
         values = np.zeros((len(items), len(self.classes)), dtype=np.float32)
@@ -95,7 +105,7 @@ class Model:
     def _feature_backbone(self) -> SavedBackbone:
         """The frozen backbone described from the run folder (read and fingerprinted once per loaded model)."""
         if self._saved is None:
-            self._saved = SavedBackbone(self, load_file(str(self.run_dir / "model.safetensors")))
+            self._saved = SavedBackbone(self, read_weights(self.run_dir))
         return self._saved
 
     def predict_proba(
@@ -207,34 +217,37 @@ def load(run: str | Path) -> Model:
     network only when an image is not in the feature cache."""
     if is_hub_ref(run):
         run = pull(str(run))
-    info = read_model_info(Path(run))
+    folder = Path(run)
+    info = read_model_info(folder)
     if info.get("kind") != "classifier":
         raise ValueError(f"{run} holds a {info.get('kind')!r} model, not a classifier")
     if info.get("frozen_backbone"):
-        return Model(None, info, Path(run))
-    classifier, info = load_classifier(Path(run))
-    return Model(classifier, info, Path(run))
+        # The network is built (and the weights read) on first need; the files' agreement is checked now, from the
+        # weights' header, so that a mismatch is reported here rather than as a failed array operation later.
+        require(info, REQUIRED, folder)
+        check_classifier(info, weight_shapes(folder, HEAD_TENSORS[head_type(info)]), folder)
+        checked_preprocessing(info["preprocessing"], folder / INFO_FILE)
+        return Model(None, info, folder)
+    classifier, info = load_classifier(folder)
+    return Model(classifier, info, folder)
 
 
 def write_predictions(rows: list[Prediction], path: Path) -> None:
-    """Write predictions as CSV (one row per image) or JSON, by the file's suffix."""
+    """Write predictions as CSV (one row per image) or JSON, by the file's suffix (atomically)."""
     if path.suffix.lower() == ".json":
-        path.write_text(
-            json.dumps(
-                [{"path": str(r.path), "label": r.label, "probability": r.probability, "top": r.top} for r in rows],
-                indent=2,
-            )
-        )
+        records = [{"path": str(r.path), "label": r.label, "probability": r.probability, "top": r.top} for r in rows]
+        atomic_write_bytes(path, json.dumps(records, indent=2).encode())
         return
     k = max((len(r.top) for r in rows), default=1)
-    with path.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        header = ["path", "label", "probability"]
-        for j in range(2, k + 1):
-            header += [f"label_{j}", f"probability_{j}"]
-        writer.writerow(header)
-        for r in rows:
-            line = [str(r.path), r.label, f"{r.probability:.6f}"]
-            for name, p in r.top[1:]:
-                line += [name, f"{p:.6f}"]
-            writer.writerow(line)
+    text = io.StringIO()
+    writer = csv.writer(text)
+    header = ["path", "label", "probability"]
+    for j in range(2, k + 1):
+        header += [f"label_{j}", f"probability_{j}"]
+    writer.writerow(header)
+    for r in rows:
+        line = [str(r.path), r.label, f"{r.probability:.6f}"]
+        for name, p in r.top[1:]:
+            line += [name, f"{p:.6f}"]
+        writer.writerow(line)
+    atomic_write_bytes(path, text.getvalue().encode())

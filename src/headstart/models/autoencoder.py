@@ -21,22 +21,23 @@ the latent vector, so embedding, extract training, indexing and search accept a 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from torch import nn
 
 from headstart import config as cfg
 from headstart.data.transforms import Preprocessing
+from headstart.errors import IntegrityError
 from headstart.models.backbones import Backbone, create_backbone, register_prefix
+from headstart.models.checks import checked_preprocessing, read_info, read_weights, require
 from headstart.models.freezing import keep_frozen_in_eval
 
 FORMAT_VERSION = 1
+AE_RETRAIN = "train the autoencoder again (`headstart autoencoder train`), or restore the run folder from a copy"
 LOSSES = ("mse", "l1")
 
 
@@ -234,19 +235,31 @@ def build_autoencoder(config: AutoencoderConfig, pretrained: bool = True) -> tup
 
 
 def load_autoencoder(run: str | Path) -> tuple[Autoencoder, dict[str, Any]]:
-    """Rebuild a trained autoencoder from its run folder, without downloading anything."""
+    """Rebuild a trained autoencoder from its run folder, without downloading anything.
+
+    Raises:
+        IntegrityError: a file is missing, truncated or modified, or the weights do not fit the described network.
+    """
     folder = Path(run).expanduser()
     path = folder / "model.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found; is {folder} a run folder made by `headstart autoencoder train`?")
-    info: dict[str, Any] = json.loads(path.read_text())
+    info = read_info(folder, AE_RETRAIN)
     if info.get("kind") != "autoencoder":
         raise ValueError(f"{folder} holds a {info.get('kind')!r} model, not an autoencoder; use run:{folder} instead")
+    require(info, ("config", "preprocessing"), folder, AE_RETRAIN)
     config = cfg.from_dict(AutoencoderConfig, info["config"], where=str(path))
+    prep = checked_preprocessing(info["preprocessing"], path, AE_RETRAIN)
+    state = read_weights(folder, AE_RETRAIN)
     model, _, _ = build_autoencoder(config, pretrained=False)
     if isinstance(model.encoder, BackboneEncoder):
-        model.encoder.backbone.preprocessing = Preprocessing.from_dict(info["preprocessing"])
-    model.load_state_dict(load_file(str(folder / "model.safetensors")), strict=True)
+        model.encoder.backbone.preprocessing = prep
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as error:  # torch lists every missing, unexpected and misshapen tensor on several lines
+        detail = " ".join(str(error).split())[:300]
+        raise IntegrityError(f"{folder / 'model.safetensors'} does not fit the network described in {path} "
+                             f"({detail}); {AE_RETRAIN}") from error  # fmt: skip
     model.eval()
     return model, info
 

@@ -1,7 +1,9 @@
 """Classifier = backbone + new head, and its self-describing file format (safetensors + JSON).
 
 A saved model is two files: ``model.safetensors`` (every tensor) and ``model.json`` (classes, backbone name,
-preprocessing, strategy, metrics, versions, data fingerprint). Loading reads no pickle and runs no code.
+preprocessing, strategy, metrics, versions, data fingerprint), written together with their checksums (see
+:mod:`headstart.checksums`). Loading reads no pickle and runs no code, and checks the files (see
+:mod:`headstart.models.checks`) before building anything.
 """
 
 from __future__ import annotations
@@ -12,18 +14,32 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from torch import nn
 
-from headstart.data.transforms import Preprocessing
-from headstart.files import atomic_write_bytes, save_tensors, versions
+from headstart.checksums import write_files
+from headstart.errors import IntegrityError
+from headstart.files import tensor_file, versions
 from headstart.models.backbones import Backbone, create_backbone, register_prefix
+from headstart.models.checks import (
+    INFO_FILE,
+    RETRAIN,
+    WEIGHTS_FILE,
+    check_classifier,
+    check_knn_labels,
+    check_normalisation,
+    checked_preprocessing,
+    read_info,
+    read_weights,
+    require,
+)
 from headstart.models.freezing import freeze, keep_frozen_in_eval
 
 if TYPE_CHECKING:
     from headstart.models.prepared import PreparedBackbone
 
 FORMAT_VERSION = 1
+# What model.json must hold for a classifier to be rebuilt from it.
+REQUIRED = ("kind", "classes", "backbone", "num_classes", "num_features", "head", "preprocessing")
 
 
 class KNNHead(nn.Module):
@@ -139,8 +155,17 @@ def write_classifier(
         "versions": versions(),
         **meta,
     }
-    save_tensors(tensors, folder / "model.safetensors", metadata={"format": "headstart"})
-    atomic_write_bytes(folder / "model.json", json.dumps(info, indent=2, default=str).encode())
+    write_files(folder, {WEIGHTS_FILE: tensor_file(tensors, {"format": "headstart"}), INFO_FILE: info_bytes(info)})
+
+
+def info_bytes(info: dict[str, Any]) -> bytes:
+    """``model.json``'s contents."""
+    return json.dumps(info, indent=2, default=str).encode()
+
+
+def write_model_info(folder: Path, info: dict[str, Any]) -> None:
+    """Replace a run folder's ``model.json`` (with its checksum), e.g. to add the final metrics."""
+    write_files(folder, {INFO_FILE: info_bytes(info)})
 
 
 def classifier_tensors(backbone_tensors: dict[str, torch.Tensor], head: nn.Module) -> dict[str, torch.Tensor]:
@@ -150,33 +175,47 @@ def classifier_tensors(backbone_tensors: dict[str, torch.Tensor], head: nn.Modul
 
 
 def read_model_info(folder: Path) -> dict[str, Any]:
-    """The ``model.json`` of a run folder, with a clear error when it is missing."""
-    path = Path(folder) / "model.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found; is {folder} a headstart run folder (made by `headstart train`)?")
-    info: dict[str, Any] = json.loads(path.read_text())
-    return info
+    """The ``model.json`` of a run folder, verified; a clear error when it is missing, damaged or edited."""
+    return read_info(Path(folder))
 
 
 def load_classifier(folder: Path) -> tuple[Classifier, dict[str, Any]]:
-    """Rebuild a saved classifier from its run folder, without downloading anything."""
+    """Rebuild a saved classifier from its run folder, without downloading anything.
+
+    Raises:
+        IntegrityError: a file is missing, truncated or modified, or the files disagree (class list and head,
+            preprocessing and backbone, weights and architecture); the message names the file and what to do.
+    """
     folder = Path(folder)
-    info = read_model_info(folder)
+    info = read_info(folder)
     if info.get("kind") != "classifier":
         raise ValueError(f"{folder} holds a {info.get('kind')!r} model, not a classifier")
-    state = load_file(str(folder / "model.safetensors"))
+    require(info, REQUIRED, folder)
+    state = read_weights(folder)
+    check_classifier(info, {k: tuple(v.shape) for k, v in state.items() if k.startswith("head.")}, folder)
+    prep = checked_preprocessing(info["preprocessing"], folder / INFO_FILE)
     backbone = create_backbone(info["backbone"], pretrained=False)
-    backbone.preprocessing = Preprocessing.from_dict(info["preprocessing"])
-    head = head_from_tensors(info, state)
+    check_normalisation(prep, backbone.preprocessing, info["backbone"], folder / INFO_FILE)
+    backbone.preprocessing = prep
+    head = head_from_tensors(info, state, folder)
     model = Classifier(backbone, info["num_classes"], info.get("drop_rate", 0.0), head=head)
-    model.load_state_dict(state, strict=True)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as error:  # torch lists every missing, unexpected and misshapen tensor on several lines
+        detail = " ".join(str(error).split())[:300]
+        raise IntegrityError(
+            f"{folder / WEIGHTS_FILE} does not fit backbone {info['backbone']} named in {folder / INFO_FILE} "
+            f"({detail}); {RETRAIN}"
+        ) from error
     model.eval()
     return model, info
 
 
-def head_from_tensors(info: dict[str, Any], state: dict[str, torch.Tensor]) -> nn.Module:
-    """A saved classifier's head, rebuilt from its ``head.*`` tensors and ``model.json``."""
+def head_from_tensors(info: dict[str, Any], state: dict[str, torch.Tensor], folder: Path) -> nn.Module:
+    """A saved classifier's head, rebuilt from its ``head.*`` tensors and ``model.json`` (already checked against each
+    other by :func:`~headstart.models.checks.check_classifier`)."""
     if info["head"]["type"] == "knn":
+        check_knn_labels(info, state["head.labels"], folder)
         return KNNHead(state["head.bank"], state["head.labels"], info["num_classes"], k=int(info["head"]["k"]))
     weight = state["head.weight"]
     head = nn.Linear(weight.shape[1], weight.shape[0])

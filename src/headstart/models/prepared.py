@@ -23,8 +23,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
+from headstart import progress
 from headstart.data.transforms import Preprocessing
-from headstart.files import installed_version
+from headstart.errors import StorageError
+from headstart.files import installed_version, save_tensors
 from headstart.hardware import launch_rank
 from headstart.models.backbones import (
     TORCHVISION_PREFIX,
@@ -111,15 +113,21 @@ class PreparedBackbone:
         except (OSError, SafetensorError):
             tensors = {}
         if fingerprint_tensors(self.name, tensors) != self._fingerprint:
-            self.path.unlink(missing_ok=True)  # corrupt: rebuild, never use
+            _discard(self.path)  # corrupt: rebuild, never use
             return self.network().state_dict()
         return tensors
 
 
-def store(backbone: Backbone, path: Path) -> None:
-    """Write a built backbone's tensors and description to ``path`` atomically."""
-    from headstart.files import save_tensors
+def _discard(path: Path) -> None:
+    """Delete a damaged entry, saying so (it is rebuilt: nothing is lost but the time)."""
+    if path.is_file():
+        progress.log(f"[yellow]prepared-backbone cache: {path} is damaged; discarded, and rebuilt from the weights")
+        path.unlink(missing_ok=True)
 
+
+def store(backbone: Backbone, path: Path) -> None:
+    """Write a built backbone's tensors and description to ``path`` atomically; the cache only saves time, so a
+    failed write (disk full, read-only) is a note, not an error."""
     meta = {
         "format": FORMAT,
         "name": backbone.name,
@@ -128,7 +136,11 @@ def store(backbone: Backbone, path: Path) -> None:
         "weights_source": backbone.weights_source,
         "fingerprint": backbone.fingerprint(),
     }
-    save_tensors(backbone.state_dict(), path, metadata=meta)
+    try:
+        save_tensors(backbone.state_dict(), path, metadata=meta)
+    except StorageError as error:
+        progress.log(f"[yellow]prepared-backbone cache not written ({error}); the backbone will be built again next "
+                     "time (or make room with `headstart cache clear`)")  # fmt: skip
 
 
 def load_backbone(name: str, weights: str | None, cache_root: Path) -> Backbone | PreparedBackbone:
@@ -153,7 +165,9 @@ def load_backbone(name: str, weights: str | None, cache_root: Path) -> Backbone 
         try:
             return PreparedBackbone(path, name, weights, meta)
         except (KeyError, ValueError, TypeError):
-            pass  # an unreadable description: built and stored again below
+            _discard(path)  # an unreadable description: built and stored again below
+    elif path.is_file() and meta is None:
+        _discard(path)  # a torn or damaged file (another format or name is a key clash, replaced without a word)
     built = create_backbone(name, pretrained=True, weights=weights)
     if launch_rank() == 0:  # one writer under a multi-process launch
         store(built, path)

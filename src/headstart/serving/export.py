@@ -9,11 +9,13 @@ built into the graph, so callers feed the cropped uint8 pixels instead. The batc
 Outputs are class logits ``[B, C]`` (softmax gives the probabilities ``predict`` reports) for ``what="classifier"``,
 or backbone features ``[B, D]`` for ``what="embedder"``. Everything needed to use the file travels inside it: the
 class names, the preprocessing, the backbone name and the headstart version, as ONNX ``metadata_props`` or as the
-TorchScript archive's ``headstart.json`` extra file (read it with :func:`read_metadata`).
+TorchScript archive's ``headstart.json`` extra file (read it with :func:`read_metadata`, which checks the file against
+the ``checksums.json`` written beside it).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import tempfile
@@ -26,8 +28,10 @@ import torch
 from torch import nn
 
 from headstart import progress
+from headstart.checksums import verify, write_files
 from headstart.data.transforms import Preprocessing
-from headstart.files import versions
+from headstart.errors import HeadstartError
+from headstart.files import make_folder, storage_error, versions
 from headstart.models.classifier import load_classifier
 
 FORMATS = ("onnx", "torchscript")
@@ -38,7 +42,7 @@ METADATA_FILE = "headstart.json"  # name of the TorchScript extra file holding t
 SUFFIX = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
 
 
-class ExportError(ValueError):
+class ExportError(HeadstartError, ValueError):
     """The model could not be exported (the message says by which exporter and why)."""
 
 
@@ -108,7 +112,7 @@ def export(
         module = _Uint8Input(module, prep)
     module = module.float().cpu().eval()
     path = Path(out) if out else run_dir / f"{what}{SUFFIX[format]}"
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(path.parent)
     metadata = export_metadata(info, what, input, format)
     example = _example(prep, input)
     if format == "onnx":
@@ -148,6 +152,7 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found; export a model first with `headstart export RUN`")
+    verify(path.parent, path.name, path.read_bytes(), "export the model again with `headstart export RUN`")
     raw: dict[str, str]
     if not zipfile.is_zipfile(path):  # TorchScript archives are zip files, ONNX files are protobuf
         import onnx
@@ -178,7 +183,10 @@ def _example(prep: Preprocessing, input: str) -> torch.Tensor:
 
 
 def _tmp_beside(path: Path) -> Path:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    except OSError as error:
+        raise storage_error(error, path) from error
     os.close(fd)
     return Path(tmp)
 
@@ -196,6 +204,8 @@ def _export_onnx(
             try:
                 _onnx_once(module, example, tmp, output, kind, opset)
                 break
+            except OSError as error:  # a full disk or a read-only folder, not an exporter's failure
+                raise storage_error(error, path) from error
             except Exception as error:  # any capture failure: try the next exporter, report all if none works
                 errors.append(f"{kind}: {type(error).__name__}: {str(error).strip().splitlines()[0][:300]}")
         else:
@@ -205,8 +215,7 @@ def _export_onnx(
             [onnx.StringStringEntryProto(key=k, value=v) for k, v in {**metadata, "exporter": kind}.items()]
         )
         onnx.checker.check_model(model)
-        onnx.save(model, str(tmp))
-        os.replace(tmp, path)
+        write_files(path.parent, {path.name: model.SerializeToString()})
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -228,13 +237,10 @@ def _onnx_once(module: nn.Module, example: torch.Tensor, path: Path, output: str
 
 
 def _export_torchscript(module: nn.Module, example: torch.Tensor, path: Path, metadata: dict[str, str]) -> None:
-    tmp = _tmp_beside(path)
-    try:
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")  # torch.jit's deprecation notice; the format is still what users load
-            # Tracing records the batch axis symbolically for these networks; the parity test checks batch 1 and 5.
-            traced = torch.jit.trace(module, (example,), check_trace=False)
-            torch.jit.save(traced, str(tmp), _extra_files={METADATA_FILE: json.dumps(metadata)})
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # torch.jit's deprecation notice; the format is still what users load
+        # Tracing records the batch axis symbolically for these networks; the parity test checks batch 1 and 5.
+        traced = torch.jit.trace(module, (example,), check_trace=False)
+        buffer = io.BytesIO()
+        torch.jit.save(traced, buffer, _extra_files={METADATA_FILE: json.dumps(metadata)})
+    write_files(path.parent, {path.name: buffer.getvalue()})

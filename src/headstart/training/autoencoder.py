@@ -20,14 +20,16 @@ from torch.utils.data import DataLoader
 
 from headstart import config as cfg
 from headstart import progress
+from headstart.checksums import write_files
 from headstart.data.scan import ImageRecord, collect_files, scan_files
 from headstart.data.transforms import MemoryDataset, Preprocessing, decode_all, normalize, train_augment
 from headstart.errors import DataError
 from headstart.features.embeddings import embed
 from headstart.features.inference import run_model
-from headstart.files import atomic_write_bytes, default_cache_root, new_run_dir, save_tensors, versions
+from headstart.files import default_cache_root, new_run_dir, tensor_file, versions
 from headstart.hardware import autocast, pick_device, resolve_precision
 from headstart.models.autoencoder import (
+    AE_RETRAIN,
     FORMAT_VERSION,
     Autoencoder,
     AutoencoderConfig,
@@ -37,6 +39,7 @@ from headstart.models.autoencoder import (
     build_autoencoder,
     load_autoencoder,
 )
+from headstart.models.checks import read_info
 from headstart.models.freezing import batch_norms, freeze, keep_frozen_in_eval
 from headstart.training.objectives import Reconstruction
 from headstart.training.trainer import EpochSampler, LoopSettings, Trainer, make_accelerator
@@ -130,9 +133,9 @@ def train_autoencoder(
     fit = trainer.fit(resume=_resume)
     if is_main:  # the best epoch's model.json, perhaps written before a resume, gains the run's time
         written = run_dir / "model.json"  # absent only when no epoch had a finite val loss
-        info = json.loads(written.read_text()) if written.is_file() else info
+        info = read_info(run_dir, AE_RETRAIN) if written.is_file() else info
         info["train_seconds"] = round(time.perf_counter() - tic, 2)
-        atomic_write_bytes(run_dir / "model.json", json.dumps(info, indent=2).encode())
+        write_files(run_dir, {"model.json": json.dumps(info, indent=2).encode()})
     return AutoencoderResult(run_dir, fit.best_metric, time.perf_counter() - tic, fit.history, config)
 
 
@@ -296,9 +299,11 @@ class _RunWriter:
 
     def best(self, _: nn.Module, metrics: dict[str, Any]) -> None:
         """Save the model of a better epoch, with its figures in ``model.json``."""
-        save_tensors(self.model.state_dict(), self.run_dir / "model.safetensors", metadata={"format": "headstart"})
         self.info.update(best_epoch=metrics["epoch"], val_loss=metrics["val_loss"])
-        atomic_write_bytes(self.run_dir / "model.json", json.dumps(self.info, indent=2).encode())
+        weights = tensor_file(self.model.state_dict(), {"format": "headstart"})
+        write_files(
+            self.run_dir, {"model.safetensors": weights, "model.json": json.dumps(self.info, indent=2).encode()}
+        )
 
     @torch.inference_mode()
     def epoch(self, _: nn.Module, row: dict[str, Any]) -> None:

@@ -44,6 +44,7 @@ from headstart.models.classifier import (
     read_model_info,
     save_classifier,
     write_classifier,
+    write_model_info,
 )
 from headstart.models.heads import fit_knn, fit_logistic, predict_proba
 from headstart.models.prepared import PreparedBackbone, load_backbone
@@ -282,7 +283,7 @@ def _save_frozen(
         result.model = Classifier(network, num_classes, config.model.drop_rate, head=head)
         result.model.freeze_backbone()
     entry = {"epoch": 0, "phase": "head", **_summary(baseline), **info}
-    (run_dir / "metrics.jsonl").write_text(json.dumps(entry) + "\n")
+    atomic_write_bytes(run_dir / "metrics.jsonl", (json.dumps(entry) + "\n").encode(), sync=False)
     result.history = [entry]
     # The model's head runs in fp32 on the same features, so these are the saved model's own metrics.
     result.metrics = baseline
@@ -301,8 +302,9 @@ def _finish_run(result: TrainResult, dataset: Dataset, run_dir: Path, reload: bo
     info["val_metrics"] = _summary(result.metrics)
     info["test_metrics"] = _summary(result.test_metrics) if result.test_metrics else None
     info["train_seconds"] = round(time.perf_counter() - started, 2)
-    atomic_write_bytes(run_dir / "model.json", json.dumps(info, indent=2, default=str).encode())
-    (run_dir / "metrics.json").write_text(json.dumps({"val": result.metrics, "test": result.test_metrics}, indent=2))
+    write_model_info(run_dir, info)
+    metrics = {"val": result.metrics, "test": result.test_metrics}
+    atomic_write_bytes(run_dir / "metrics.json", json.dumps(metrics, indent=2).encode(), sync=False)
 
 
 def _write_report(run_dir: Path, dataset: Dataset) -> None:

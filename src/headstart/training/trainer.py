@@ -26,10 +26,14 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from headstart import progress
+from headstart.checksums import read_verified, write_files
+from headstart.errors import IntegrityError, StorageError
 from headstart.files import atomic_write_bytes
 from headstart.hardware import autocast, leave_group_at_exit, tune_allocator
 from headstart.training.strategies import warmup_cosine
 
+CHECKPOINT = "checkpoints/last.pt"  # relative to the run folder, whose checksums.json lists it
+RESTART = "the run cannot continue from it; start it again without --resume"
 Batch = tuple[torch.Tensor, ...]
 # The prepared model applied to a network input, in the run's precision and memory format.
 Forward = Callable[[torch.Tensor], torch.Tensor]
@@ -159,11 +163,14 @@ class Trainer:
     # -- checkpoints -------------------------------------------------------------------------------------------------
 
     def _checkpoint_path(self) -> Path:
-        return self.run_dir / "checkpoints" / "last.pt"
+        return self.run_dir / CHECKPOINT
 
     def save_checkpoint(self, batches_done: int, totals: tuple[float, ...] = ()) -> None:
         """Atomically save everything needed to continue: weights, optimiser, RNG states, position in the epoch
-        (batches done and the running totals: loss, the objective's sums, images), best metric and history."""
+        (batches done and the running totals: loss, the objective's sums, images), best metric and history.
+
+        The file is listed with its checksum in the run folder's ``checksums.json``; a failed write (disk full)
+        leaves the previous checkpoint as it was."""
         if not self.accelerator.is_main_process:
             return
         state = {
@@ -183,16 +190,25 @@ class Trainer:
         }
         buffer = io.BytesIO()
         torch.save(state, buffer)
-        atomic_write_bytes(self._checkpoint_path(), buffer.getvalue())
+        write_files(self.run_dir, {CHECKPOINT: buffer.getvalue()})
 
     def load_checkpoint(self) -> int:
-        """Restore from ``checkpoints/last.pt``; returns the number of batches already done in the current epoch."""
+        """Restore from ``checkpoints/last.pt``; returns the number of batches already done in the current epoch.
+
+        Raises:
+            IntegrityError: the checkpoint is truncated, modified, or does not fit this run's model.
+        """
         path = self._checkpoint_path()
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: the run stopped before its first checkpoint; start it again")
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        self._plain_model().load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        data = read_verified(self.run_dir, CHECKPOINT, RESTART)
+        try:
+            state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+            self._plain_model().load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except Exception as error:  # torch's zip reader, unpickler and loaders raise several unrelated types
+            detail = " ".join(str(error).split())[:200]
+            raise IntegrityError(f"{path} cannot be used ({type(error).__name__}: {detail}); {RESTART}") from error
         self.step, self.epoch = int(state["step"]), int(state["epoch"])
         self.best, self.best_epoch, self.stale = float(state["best"]), int(state["best_epoch"]), int(state["stale"])
         self.history = json.loads(state["history"])
@@ -202,10 +218,23 @@ class Trainer:
         totals = state["epoch_totals"].tolist()
         self._resume_totals = (*totals[:-1], int(totals[-1]))
         if self.accelerator.is_main_process:
-            # Rows written after this checkpoint belong to work that will be redone.
-            rows = "".join(json.dumps(entry) + "\n" for entry in self.history)
-            (self.run_dir / "metrics.jsonl").write_text(rows)
+            self._write_history()  # rows written after this checkpoint belong to work that will be redone
         return int(state["batches_done"])
+
+    def _write_history(self) -> None:
+        """Write ``metrics.jsonl``, one row per finished epoch (rewritten whole: a full disk never tears it)."""
+        rows = "".join(json.dumps(entry) + "\n" for entry in self.history)
+        atomic_write_bytes(self.run_dir / "metrics.jsonl", rows.encode(), sync=False)
+
+    def _resumable(self, error: StorageError) -> StorageError:
+        """``error`` (a failed write in the run folder), saying how to carry on once the disk has room."""
+        if self._checkpoint_path().is_file():
+            hint = f"the last checkpoint is intact: free some space, then continue with --resume {self.run_dir}"
+        else:
+            hint = "no checkpoint was written yet: free some space, then start the run again"
+        failure = StorageError(f"{error.reason or error}; {hint}")
+        failure.errno, failure.reason = error.errno, error.reason
+        return failure
 
     def _zero_totals(self) -> tuple[float, ...]:
         return (0.0, *(0.0 for _ in self.objective.running), 0)
@@ -239,13 +268,16 @@ class Trainer:
         start = time.perf_counter()
         tune_allocator()
         skip = self.load_checkpoint() if resume else 0
-        if not resume and self.baseline is not None:
-            self._record(0, {"phase": "head", **self.baseline}, self.baseline)
         stopped = False
-        with progress.bar(self.accelerator.is_main_process) as bars:
-            while self.epoch < self.settings.epochs and not stopped:
-                stopped = self._run_epoch(bars, skip)
-                skip = 0
+        try:
+            if not resume and self.baseline is not None:
+                self._record(0, {"phase": "head", **self.baseline}, self.baseline)
+            with progress.bar(self.accelerator.is_main_process) as bars:
+                while self.epoch < self.settings.epochs and not stopped:
+                    stopped = self._run_epoch(bars, skip)
+                    skip = 0
+        except StorageError as error:
+            raise self._resumable(error) from error
         self.accelerator.wait_for_everyone()
         return FitResult(self.best, self.best_epoch, self.history, stopped, time.perf_counter() - start)
 
@@ -312,8 +344,7 @@ class Trainer:
         entry = {"epoch": epoch, **compact}
         self.history.append(entry)
         if self.accelerator.is_main_process:
-            with (self.run_dir / "metrics.jsonl").open("a") as handle:
-                handle.write(json.dumps(entry) + "\n")
+            self._write_history()
         return improved
 
 
