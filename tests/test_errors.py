@@ -98,6 +98,22 @@ def test_debug_shows_the_traceback(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert main(argv) == 2
 
 
+def test_ctrl_c_is_one_line_and_exit_130(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from headstart.cli import app
+
+    def interrupted(args: object) -> int:
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(app.COMMANDS, "train", interrupted)
+    assert main(["train", str(tmp_path)]) == 130
+    err = capsys.readouterr().err
+    assert "headstart train: interrupted" in err and "--resume RUN" in err and "Traceback" not in err
+    with pytest.raises(KeyboardInterrupt):
+        main(["train", str(tmp_path), "--debug"])
+
+
 def test_debug_is_accepted_by_nested_subcommands(tmp_path: Path) -> None:
     with pytest.raises(Exception, match=r"meta\.json not found"):
         main(["index", "evaluate", str(tmp_path), "--debug"])

@@ -75,6 +75,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    except KeyboardInterrupt:
+        if args.debug or debug():
+            raise
+        hint = "; continue a training run with `headstart train --resume RUN`" if args.command == "train" else ""
+        print(f"\n{who}: interrupted{hint}", file=sys.stderr)
+        return 130  # the shell's code for a process ended by SIGINT
     except Exception as error:
         if _rank_label():  # torchrun then stops the other ranks; this line says which one failed, and why
             print(f"{who}: failed: {type(error).__name__}: {error}", file=sys.stderr, flush=True)

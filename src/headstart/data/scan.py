@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from headstart import progress
 from headstart.errors import DataError
 
 MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb threshold (about 0.25 GB of RGB)
@@ -335,10 +336,14 @@ class ScanCache:
         """Write this scan's entries (atomically: a torn file would only be ignored, but never half-read)."""
         if self.seen == self.known:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}")
-        tmp.write_text(json.dumps({"version": self.version, "files": self.seen}))
-        os.replace(tmp, self.path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps({"version": self.version, "files": self.seen}))
+            os.replace(tmp, self.path)
+        except OSError:
+            tmp.unlink(missing_ok=True)  # a full disk must not keep a torn copy beside the cache
+            raise
 
 
 def scan_files(
@@ -357,8 +362,11 @@ def scan_files(
     with ThreadPoolExecutor(max_workers=workers or min(8, (os.cpu_count() or 1) + 1)) as pool:
         results = list(pool.map(lambda path: _check(path, cache), paths))
     if cache is not None:
-        with contextlib.suppress(OSError):  # a read-only cache folder costs the next scan time, nothing else
+        try:
             cache.save()
+        except OSError as error:  # a full or read-only cache folder costs the next scan time, nothing else
+            progress.log(f"scan cache not saved, so the next scan decodes every file again: {error} "
+                         "(or make room with `headstart cache clear`)")  # fmt: skip
     repeats = Counter(record.digest for record, _ in results if record is not None and record.blank)
     records: list[ImageRecord] = []
     skipped: list[Skipped] = []
