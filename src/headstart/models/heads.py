@@ -29,7 +29,7 @@ SCALINGS = ("feature", "global")
 # times faster on unstandardised features, whose objective is ill-conditioned.
 CV_GTOL = 1e-5
 # Cross-validation ranks 7 strengths x 2 scalings x 5 folds; past this many images it ranks them on a stratified
-# subsample of this many (the final fit still uses every image, warm-started from the folds' solutions). On 10,000
+# subsample of this many (the final fit still uses every image, warm-started from the folds' mean solution). On 10,000
 # images of 3,840 features and 100 classes the full search takes tens of minutes on 2 CPU cores; a few thousand
 # images already rank 7 strengths an order of magnitude apart.
 CV_MAX_IMAGES = 4000
@@ -278,6 +278,8 @@ def fit_logistic(
         _, problem, c, info["cv_accuracy"], start = best
     info["C"] = c
     info["scaling"] = problem.scaling
+    if len(np.unique(images)) <= CV_MAX_IMAGES:
+        start = None  # small sets: the final fit starts from zero, so it does not depend on the folds' path
     present, theta = problem.fit(np.arange(len(labels)), labels, c, class_weight, start)
     r = 1 if len(present) == 2 else len(present)
     d = problem.coords.shape[1]
