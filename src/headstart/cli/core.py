@@ -62,6 +62,9 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", default=None, help="replace an existing run folder")
     p.add_argument("--no-report", action="store_true", help="skip report.html (rebuild later: headstart report RUN)")
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the network (GPU speed)")
+    p.add_argument("--log-with", choices=["tensorboard", "mlflow"],
+                   help="log hyperparameters, metrics and figures to a tracker (needs headstart[track])")  # fmt: skip
+    p.add_argument("--tracking-dir", help="where the tracker writes (default RUN/tracking)")
 
 
 def _add_other_parsers(sub: argparse._SubParsersAction) -> None:
@@ -149,6 +152,8 @@ def _train(args: argparse.Namespace) -> int:
             "run.checkpoint_every": args.checkpoint_every,
             "run.report": False if args.no_report else None,
             "run.compile": args.compile,
+            "run.log_with": args.log_with,
+            "run.tracking_dir": args.tracking_dir,
         },
     )
     return _print_result(result)
