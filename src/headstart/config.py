@@ -87,6 +87,8 @@ class RunConfig:
     checkpoint_every: int = 0  # also checkpoint every N optimiser steps (0: once per epoch) for resume
     audit: bool = True  # quick pre-training check of the data for train/val leakage and label conflicts
     report: bool = True  # write report.html with figures into the run folder after training
+    log_with: str | None = None  # experiment tracker: "tensorboard" or "mlflow" (optional extra headstart[track])
+    tracking_dir: str | None = None  # where the tracker writes; None: tracking/ inside the run folder
 
 
 @dataclasses.dataclass(frozen=True)

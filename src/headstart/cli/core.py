@@ -62,6 +62,9 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", default=None, help="replace an existing run folder")
     p.add_argument("--no-report", action="store_true", help="skip report.html (rebuild later: headstart report RUN)")
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the network (GPU speed)")
+    p.add_argument("--log-with", choices=["tensorboard", "mlflow"],
+                   help="log hyperparameters, metrics and figures to a tracker (needs headstart[track])")  # fmt: skip
+    p.add_argument("--tracking-dir", help="where the tracker writes (default RUN/tracking)")
 
 
 def _add_other_parsers(sub: argparse._SubParsersAction) -> None:
@@ -70,6 +73,7 @@ def _add_other_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("data", help="dataset folder or CSV manifest")
     p.add_argument("--split", default="val", choices=["train", "val", "test"])
     p.add_argument("--json", dest="json_out", help="also write the metrics to this JSON file")
+    _add_tta(p)
 
     p = sub.add_parser("predict", help="classify images")
     p.add_argument("run", help="run folder of a trained model")
@@ -77,6 +81,7 @@ def _add_other_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-k", type=int, default=1, help="classes to report per image")
     p.add_argument("--output", help="write predictions to a .csv or .json file")
     p.add_argument("--batch-size", type=int, default=32)
+    _add_tta(p)
 
     p = sub.add_parser("backbones", help="list backbones and whether their weights are available offline")
     p.add_argument("--all", action="store_true", help="list every timm and torchvision model")
@@ -99,6 +104,14 @@ def _add_other_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="ants vs bees: compare extract, finetune and scratch, with reports")
     p.add_argument("--out", default="runs/demo", help="comparison folder (default runs/demo)")
     p.add_argument("--seeds", type=int, default=3, help="runs per strategy (default 3)")
+
+
+def _add_tta(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--tta", default="none", choices=["none", "flip", "crops"],
+        help="test-time augmentation: flip averages each image's features with its mirror image's (2x the cost), "
+        "crops the logits of the centre and four corner crops (5x); default none",
+    )  # fmt: skip
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -139,6 +152,8 @@ def _train(args: argparse.Namespace) -> int:
             "run.checkpoint_every": args.checkpoint_every,
             "run.report": False if args.no_report else None,
             "run.compile": args.compile,
+            "run.log_with": args.log_with,
+            "run.tracking_dir": args.tracking_dir,
         },
     )
     return _print_result(result)
@@ -162,7 +177,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from headstart.insight.metrics import format_metrics
     from headstart.insight.predictor import load
 
-    metrics = load(args.run).evaluate(args.data, split=args.split)
+    metrics = load(args.run).evaluate(args.data, split=args.split, tta=args.tta)
     print(format_metrics(metrics))
     if metrics.get("skipped"):
         print(f"\nskipped {len(metrics['skipped'])} unreadable file(s)")
@@ -174,7 +189,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     from headstart.insight.predictor import load, write_predictions
 
-    rows, failed = load(args.run).predict(args.inputs, top_k=args.top_k, batch_size=args.batch_size)
+    rows, failed = load(args.run).predict(args.inputs, top_k=args.top_k, batch_size=args.batch_size, tta=args.tta)
     if args.output:
         write_predictions(rows, Path(args.output))
         print(f"wrote {len(rows)} predictions to {args.output}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
 import os
 from collections.abc import Callable, Sequence
@@ -158,6 +160,52 @@ def train_augment(prep: Preprocessing, level: str) -> Callable[[torch.Tensor], t
             ]
         )
     raise ValueError(f"unknown augment level {level!r}; choose none, light or strong")
+
+
+# -- test-time augmentation -----------------------------------------------------------------------------------------
+
+TTA_MODES = ("none", "flip", "crops")
+# Corner crops of the resized image, as (row, column) of the corner: with the centre view, the classic five crops.
+CORNERS = {"tl": (0, 0), "tr": (0, 1), "bl": (1, 0), "br": (1, 1)}
+
+View = tuple[str, Callable[[torch.Tensor], torch.Tensor] | None]
+
+
+def _corner_crop(row: int, column: int, size: int, image: torch.Tensor) -> torch.Tensor:
+    h, w = image.shape[-2:]
+    top, left = row * max(0, h - size), column * max(0, w - size)
+    return image[..., top : top + size, left : left + size].contiguous()
+
+
+def corner_crop(corner: str, size: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Square crop of side ``size`` at a corner (``tl``, ``tr``, ``bl``, ``br``) of a decoded base image.
+
+    A partial of a module-level function, not a closure: DataLoader workers started by spawn must pickle it.
+    """
+    row, column = CORNERS[corner]
+    return functools.partial(_corner_crop, row, column, size)
+
+
+def tta_views(mode: str, prep: Preprocessing) -> tuple[Preprocessing, list[View]]:
+    """The preprocessing and the views whose outputs test-time augmentation averages.
+
+    ``flip`` is the mirrored feature view of :attr:`Preprocessing.mirror` (features of the image and its mirror
+    averaged inside the backbone), so a model trained with ``--mirror`` already has it. ``crops`` adds the four corner
+    crops of the resized image (shorter side ``resize_size``) to the centre crop; their outputs are averaged by the
+    caller. A view is ``(cache name, transform of the decoded base image)``; the centre view's transform is None (the
+    ordinary inference crop).
+
+    Raises:
+        ValueError: an unknown mode, naming the valid ones.
+    """
+    if mode == "none":
+        return prep, [("center", None)]
+    if mode == "flip":
+        return dataclasses.replace(prep, mirror=True), [("center", None)]
+    if mode == "crops":
+        corners: list[View] = [(f"crop-{c}", corner_crop(c, prep.input_size)) for c in CORNERS]
+        return prep, [("center", None), *corners]
+    raise ValueError(f"unknown test-time augmentation {mode!r}; choose one of {', '.join(TTA_MODES)}")
 
 
 def seeded(transform: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor, key: int) -> torch.Tensor:

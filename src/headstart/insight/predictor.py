@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 import io
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ import numpy as np
 import torch
 
 from headstart.data.scan import Dataset, ImageRecord, collect_files, load_dataset
-from headstart.data.transforms import Preprocessing
+from headstart.data.transforms import Preprocessing, tta_views
 from headstart.errors import DataError
 from headstart.features.embeddings import embed
 from headstart.features.inference import Outputs, run_model
@@ -58,6 +59,7 @@ class Model:
     def __init__(self, classifier: Classifier | None, info: dict[str, Any], run_dir: Path):
         self._classifier = classifier
         self._saved: SavedBackbone | None = None
+        self._views: dict[Preprocessing, Classifier] = {}  # the classifier under other preprocessing (TTA flip)
         self.info = info
         self.run_dir = run_dir
         self.classes: list[str] = list(info["classes"])
@@ -80,19 +82,48 @@ class Model:
         """The preprocessing stored with the model."""
         return Preprocessing.from_dict(self.info["preprocessing"])
 
-    def _run(self, items: list[ImageRecord] | list[Path], batch_size: int, from_cache: bool = False) -> Outputs:
-        if from_cache and self.info.get("frozen_backbone"):
-            return self._run_head(items, batch_size)
-        return run_model(
-            self.classifier, items, self.preprocessing, len(self.classes), batch_size=batch_size,
-            precision=self.precision, device=self.device, description="predicting",
-        )  # fmt: skip
+    def network(self, prep: Preprocessing | None = None) -> Classifier:
+        """The classifier, or with ``prep`` another preprocessing of it (the mirrored view of TTA ``flip``): the same
+        network and head, kept for reuse."""
+        if prep is None or prep == self.preprocessing:
+            return self.classifier
+        if prep not in self._views:
+            base = self.classifier
+            b = base.backbone
+            view = Classifier(Backbone(b.net, b.num_features, b.name, prep, b.weights_source), base.num_classes,
+                              head=base.head)  # fmt: skip
+            self._views[prep] = view.eval()
+        return self._views[prep]
 
-    def _run_head(self, items: list[ImageRecord] | list[Path], batch_size: int) -> Outputs:
-        """Logits of a frozen-backbone model: cached (or computed and cached) features, then the head."""
-        backbone = self._feature_backbone()
+    def _run(
+        self, items: list[ImageRecord] | list[Path], batch_size: int, from_cache: bool = False, tta: str = "none"
+    ) -> Outputs:
+        """Logits of every item, averaged over the views of ``tta`` (:func:`~headstart.data.transforms.tta_views`)."""
+        prep, views = tta_views(tta, self.preprocessing)
+        outputs = []
+        for name, augment in views:
+            if from_cache and self.info.get("frozen_backbone"):
+                outputs.append(self._run_head(items, batch_size, prep, name, augment))
+            else:
+                outputs.append(run_model(
+                    self.network(prep), items, prep, len(self.classes), batch_size=batch_size,
+                    precision=self.precision, device=self.device, description=f"predicting ({name})", augment=augment,
+                ))  # fmt: skip
+        if len(outputs) == 1:
+            return outputs[0]
+        ok = np.logical_and.reduce([o.ok for o in outputs])
+        values = np.mean([o.values for o in outputs], axis=0) * ok[:, None]
+        failed = {path: reason for o in outputs for path, reason in o.failed}
+        return Outputs(values.astype(np.float32), ok, sorted(failed.items()))
+
+    def _run_head(
+        self, items: list[ImageRecord] | list[Path], batch_size: int, prep: Preprocessing, view: str = "center",
+        augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> Outputs:  # fmt: skip
+        """Logits of a frozen-backbone model: cached (or computed and cached) features of one view, then the head."""
+        backbone = self._feature_backbone(prep)
         features = embed(backbone, items, batch_size=batch_size, precision=self.precision, device=self.device,
-                         description="predicting")  # fmt: skip
+                         description=f"predicting ({view})", view=view, augment=augment)  # fmt: skip
         head = head_from_tensors(self.info, backbone.saved, self.run_dir)
         with torch.inference_mode():
             logits = head(torch.from_numpy(features.features).float()).numpy()
@@ -102,48 +133,62 @@ class Model:
         ok[features.index] = True
         return Outputs(values, ok, features.failed)
 
-    def _feature_backbone(self) -> SavedBackbone:
-        """The frozen backbone described from the run folder (read and fingerprinted once per loaded model)."""
+    def _feature_backbone(self, prep: Preprocessing | None = None) -> SavedBackbone:
+        """The frozen backbone described from the run folder (read and fingerprinted once per loaded model), with
+        ``prep`` in place of the saved preprocessing when given (its features have a cache folder of their own)."""
         if self._saved is None:
             self._saved = SavedBackbone(self, read_weights(self.run_dir))
-        return self._saved
+        if prep is None or prep == self._saved.preprocessing:
+            return self._saved
+        view = copy.copy(self._saved)
+        view.preprocessing = prep
+        return view
 
     def predict_proba(
-        self, items: list[ImageRecord] | list[Path], batch_size: int = 32, from_cache: bool = False
+        self, items: list[ImageRecord] | list[Path], batch_size: int = 32, from_cache: bool = False, tta: str = "none"
     ) -> tuple[np.ndarray, Outputs]:
         """Class probabilities [N_ok, C] for the images that decoded, and the raw outputs (with ``ok``, ``failed``).
 
         ``from_cache``: a frozen-backbone model reads (and fills) the feature cache and runs only its head; for
         labelled sets that training already saw, not for a stream of new images, which would fill the cache.
+        ``tta``: test-time augmentation, ``none``, ``flip`` or ``crops``; the logits of its views are averaged.
         """
-        out = self._run(items, batch_size, from_cache)
+        out = self._run(items, batch_size, from_cache, tta)
         logits = torch.from_numpy(out.values[out.ok])
         return torch.softmax(logits, dim=1).numpy(), out
 
     def predict(
-        self, inputs: list[str | Path] | str | Path, top_k: int = 1, batch_size: int = 32
+        self, inputs: list[str | Path] | str | Path, top_k: int = 1, batch_size: int = 32, tta: str = "none"
     ) -> tuple[list[Prediction], list[tuple[Path, str]]]:
-        """Predict images and folders of images; returns predictions and the files that could not be read."""
+        """Predict images and folders of images; returns predictions and the files that could not be read.
+
+        ``tta``: test-time augmentation (``none``, ``flip``, ``crops``; see :meth:`predict_proba`).
+        """
         files = collect_files([inputs] if isinstance(inputs, (str, Path)) else inputs)
         if not files:
             raise DataError(f"no files found in {inputs}")
-        probs, out = self.predict_proba(files, batch_size)
+        probs, out = self.predict_proba(files, batch_size, tta=tta)
         decoded = np.flatnonzero(out.ok)
         tops = top_classes(probs, self.classes, top_k)
         rows = [Prediction(files[i], top[0][0], top[0][1], top) for i, top in zip(decoded, tops, strict=True)]
         return rows, out.failed
 
-    def evaluate(self, data: str | Path | Dataset, split: str = "val", batch_size: int = 32) -> dict[str, Any]:
-        """Metrics on a labelled split; class names are matched to the model's by name."""
+    def evaluate(
+        self, data: str | Path | Dataset, split: str = "val", batch_size: int = 32, tta: str = "none"
+    ) -> dict[str, Any]:
+        """Metrics on a labelled split; class names are matched to the model's by name. ``tta``: test-time
+        augmentation (``none``, ``flip``, ``crops``; see :meth:`predict_proba`), recorded in the metrics when used."""
         dataset = data if isinstance(data, Dataset) else self._dataset(data)
         records = {"train": dataset.train, "val": dataset.val, "test": dataset.test}[split]
         if not records:
             raise DataError(f"{dataset.root} has no {split} images")
         mapping = class_mapping(dataset, self.classes)
-        probs, out = self.predict_proba(records, batch_size, from_cache=True)
+        probs, out = self.predict_proba(records, batch_size, from_cache=True, tta=tta)
         labels = np.array([mapping[records[i].label] for i in np.flatnonzero(out.ok)])
         metrics = classification_metrics(labels, probs, self.classes)
         metrics["skipped"] = [str(p) for p, _ in out.failed]
+        if tta != "none":  # recorded only when used: a run's own metrics stay as they were
+            metrics["tta"] = tta
         return metrics
 
     def _dataset(self, data: str | Path) -> Dataset:
@@ -180,8 +225,8 @@ class SavedBackbone(PreparedBackbone):
         self.saved = saved  # every tensor of the model file, the head's too
 
     def network(self) -> Backbone:
-        """The model's own backbone (built from the run folder)."""
-        return self._model.classifier.backbone
+        """The model's own backbone (built from the run folder), with this description's preprocessing."""
+        return self._model.network(self.preprocessing).backbone
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The backbone's tensors as saved."""

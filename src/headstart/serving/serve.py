@@ -45,7 +45,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from headstart import progress
 from headstart.data.scan import thumbnail
-from headstart.data.transforms import Preprocessing, eval_tensor, normalize
+from headstart.data.transforms import TTA_MODES, Preprocessing, View, base_tensor, eval_tensor, normalize, tta_views
 from headstart.errors import ConfigError, DataError
 from headstart.hardware import autocast
 from headstart.insight.pages import render, stylesheet
@@ -150,22 +150,35 @@ class Service:
 
     def decode(self, uploads: list[_Upload], prep: Preprocessing) -> torch.Tensor:
         """uint8 batch [B, 3, S, S] of the uploads; a bad file is a 400 naming it."""
-        tensors = []
+        return self.decode_views(uploads, prep, [("center", None)])[0]
+
+    def decode_views(self, uploads: list[_Upload], prep: Preprocessing, views: list[View]) -> list[torch.Tensor]:
+        """One uint8 batch [B, 3, S, S] per view of the uploads (the centre crop, or a TTA view's), each upload decoded
+        at most twice; a bad file is a 400 naming it."""
+        tensors: list[list[torch.Tensor]] = [[] for _ in views]
         for upload in uploads:
             if not upload.data:
                 raise HTTPException(400, f"{upload.name}: empty file; upload a JPEG, PNG, WebP, BMP, GIF or TIFF image")
             try:
-                tensors.append(eval_tensor(upload.data, prep))
+                base: torch.Tensor | None = None
+                for batch, (_, augment) in zip(tensors, views, strict=True):
+                    if augment is None:
+                        batch.append(eval_tensor(upload.data, prep))
+                        continue
+                    base = base_tensor(upload.data, prep) if base is None else base
+                    batch.append(augment(base))
             except DataError as error:
                 raise HTTPException(400, str(error).replace("<bytes>", upload.name, 1)) from error
-        return torch.stack(tensors)
+        return [torch.stack(batch) for batch in tensors]
 
-    def predict(self, uploads: list[_Upload], top_k: int) -> list[dict[str, Any]]:
-        """Top-k classes of each upload."""
-        batch = self.decode(uploads, self.model.preprocessing)
-        x = normalize(batch, self.model.preprocessing).to(self.model.device)
+    def predict(self, uploads: list[_Upload], top_k: int, tta: str = "none") -> list[dict[str, Any]]:
+        """Top-k classes of each upload; with ``tta`` the logits of its views averaged (as ``Model.predict``)."""
+        prep, views = tta_views(tta, self.model.preprocessing)
+        batches = [normalize(b, prep).to(self.model.device) for b in self.decode_views(uploads, prep, views)]
         with self.lock, torch.inference_mode(), autocast(self.model.device, self.model.precision):
-            probs = torch.softmax(self.model.classifier(x).float(), dim=1).cpu().numpy()
+            network = self.model.network(prep)
+            logits = torch.stack([network(x).float() for x in batches]).mean(0)
+            probs = torch.softmax(logits, dim=1).cpu().numpy()
         return [
             {"filename": upload.name, "label": top[0][0], "probability": top[0][1],
              "top": [{"label": label, "probability": p} for label, p in top]}
@@ -265,10 +278,11 @@ def create_app(
     async def predict(
         files: list[UploadFile] = File(..., description="one or several images"),  # noqa: B008 - FastAPI's idiom
         top_k: int = Query(5, ge=1, le=MAX_K, description="classes to return per image"),
+        tta: str = Query("none", pattern="^(" + "|".join(TTA_MODES) + ")$", description="test-time augmentation"),
     ) -> dict[str, Any]:
-        """Top-k classes with probabilities for each uploaded image."""
+        """Top-k classes with probabilities for each uploaded image (``tta``: none, flip or crops)."""
         uploads = await _read(files)
-        return {"results": await _in_thread(service.predict, uploads, top_k)}
+        return {"results": await _in_thread(service.predict, uploads, top_k, tta)}
 
     @app.post("/search")
     async def search(

@@ -57,6 +57,7 @@ from headstart.training.strategies import (
     resolve_optim,
     resolve_preprocessing,
 )
+from headstart.training.tracking import Tracking, check_tracker, guarded, tracking_accelerator
 from headstart.training.trainer import EpochSampler, LoopSettings, Trainer, make_accelerator
 
 # Short keyword names accepted by train() besides dotted config keys.
@@ -79,6 +80,8 @@ ALIASES = {
     "class_weights": "run.class_weights",
     "early_stopping": "run.early_stopping",
     "cache_dir": "run.cache_dir",
+    "log_with": "run.log_with",
+    "tracking_dir": "run.tracking_dir",
     "val_fraction": "data.val_fraction",
     "split_seed": "data.split_seed",
     "batch_size": "data.batch_size",
@@ -174,7 +177,8 @@ def train(
     config = resolve_config(build_config(data, config, **overrides))
     # Only network training needs Accelerate (DDP); extract runs its single pass without it. With split_batches,
     # data.batch_size is the global batch whatever the number of processes, so the learning rate needs no rescaling.
-    accelerator = make_accelerator() if config.strategy not in FROZEN else None
+    check_tracker(config.run.log_with)  # a tracker that is not installed fails here, before anything trains
+    accelerator = make_accelerator(config.run.log_with) if config.strategy not in FROZEN else None
     is_main = accelerator.is_main_process if accelerator else launch_rank() == 0
     device = accelerator.device if accelerator else pick_device()
     precision = resolve_precision(config.run.precision, device)
@@ -188,6 +192,7 @@ def train(
         cfg.save_yaml(config, run_dir / "config.yaml")
     meta = _meta(config, dataset, precision)
     result = TrainResult(run_dir, {}, 0.0, config)
+    tracking = start_tracking(config, run_dir, accelerator) if is_main else None
     head, baseline = None, None
     if config.strategy != "scratch" and not _resume:  # a resumed run's head is in its checkpoint
         # Under a multi-process launch every rank embeds its share of the images; each then fits the (same) head.
@@ -205,7 +210,7 @@ def train(
             save_classifier(best, run_dir, {**meta, "val_metrics": _summary(metrics)})
 
         result.history = _fit_network(
-            result.model, dataset, config, precision, accelerator, run_dir, on_best, baseline, resume=_resume
+            result.model, dataset, config, precision, accelerator, run_dir, on_best, baseline, _resume, tracking
         )
         accelerator.wait_for_everyone()
         if not is_main:
@@ -215,6 +220,8 @@ def train(
         result.seconds = time.perf_counter() - tic  # the report below is not part of the training cost
         if config.run.report:
             _write_report(run_dir, dataset)
+        if tracking is not None:
+            finish_tracking(tracking, result)
     return result
 
 
@@ -223,6 +230,36 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
     return cfg.replace(
         config, optim=resolve_optim(config.strategy, config.optim), model=resolve_model(config.strategy, config.model)
     )
+
+
+def start_tracking(config: TrainConfig, run_dir: Path, accelerator: Accelerator | None) -> Tracking | None:
+    """Open the tracker of ``run.log_with`` (None without one) and log the resolved config as hyperparameters."""
+    name = config.run.log_with
+    if name is None:
+        return None
+    folder = (Path(config.run.tracking_dir) if config.run.tracking_dir else run_dir / "tracking").resolve()
+    accelerator = accelerator or tracking_accelerator(name, folder)
+    accelerator.project_configuration.set_directories(str(folder))
+    tracking = Tracking(accelerator, name, folder)
+    guarded("start", tracking.start, run_dir.name, cfg.to_dict(config))
+    progress.log(f"tracking with {name} in {folder}")
+    return tracking
+
+
+def finish_tracking(tracking: Tracking, result: TrainResult) -> None:
+    """Log what the epochs did not: the head fitted on frozen features (epoch 0; all of an extract run), the saved
+    model's final metrics, and the report's figures; then close the tracker."""
+    from headstart.insight.report import FIGURES
+
+    last = int(result.history[-1]["epoch"]) if result.history else 0
+    for row in result.history[:1]:
+        if row["epoch"] == 0:  # the head on frozen features (an extract run's only row), never an epoch's
+            guarded("log", tracking.log, row, 0)
+    guarded("log", tracking.log, _summary(result.metrics), last, "final/")
+    if result.test_metrics:
+        guarded("log", tracking.log, _summary(result.test_metrics), last, "test/")
+    guarded("figures", tracking.figures, result.run_dir / FIGURES, last)
+    guarded("end", tracking.end)
 
 
 def _load_data(config: TrainConfig, run_dir: Path, cache_root: Path, is_main: bool) -> Dataset:
@@ -457,6 +494,7 @@ def _fit_network(
     on_best: Any,
     baseline: dict[str, Any] | None,
     resume: bool = False,
+    tracking: Tracking | None = None,
 ) -> list[dict[str, Any]]:
     """Train the whole network (finetune phase 2, or scratch) with the shared trainer.
 
@@ -497,6 +535,7 @@ def _fit_network(
         run_dir=run_dir,
         accelerator=accelerator,
         baseline=baseline,
+        on_epoch=None if tracking is None else lambda _, row: guarded("log", tracking.log, row, row["epoch"]),
     )
     result = trainer.fit(resume=resume)
     if accelerator.is_main_process:

@@ -348,12 +348,13 @@ class Trainer:
         return improved
 
 
-def make_accelerator() -> Accelerator:
+def make_accelerator(log_with: str | None = None) -> Accelerator:
     """An Accelerator for this launch: CUDA (one or several GPUs), or CPU processes talking over gloo.
 
     ``split_batches`` makes ``data.batch_size`` the global batch whatever the number of processes, so results and
     learning rates do not depend on it. Without CUDA, Accelerate only recognises a multi-process launch (torchrun,
-    ``accelerate launch``) when asked for the CPU explicitly.
+    ``accelerate launch``) when asked for the CPU explicitly. ``log_with``: an Accelerate tracker name, whose
+    folder is set once the run folder is known (``project_configuration.set_directories``).
     """
     from accelerate.utils import DataLoaderConfiguration
 
@@ -361,6 +362,7 @@ def make_accelerator() -> Accelerator:
     accelerator = Accelerator(
         cpu=several and not torch.cuda.is_available(),
         dataloader_config=DataLoaderConfiguration(split_batches=True),
+        log_with=log_with,
     )
     if several:
         leave_group_at_exit()
