@@ -17,6 +17,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="float: normalised float32 NCHW; uint8: cropped pixels, normalised in-graph")  # fmt: skip
     p.add_argument("--exporter", default="auto", choices=["auto", "dynamo", "legacy"],
                    help="ONNX exporter: dynamo (torch.export), legacy (TorchScript), auto: dynamo first")  # fmt: skip
+    p.add_argument("--quantize", choices=["int8"],
+                   help="also write <name>.int8.onnx: onnxruntime static int8 calibrated on training data")  # fmt: skip
+    p.add_argument("--calibration", help="images to calibrate and check int8 on (default: the run's train/val split)")
+    p.add_argument("--calibration-images", type=int, default=128, help="most images to calibrate int8 on")
+    p.add_argument("--min-agreement", type=float, default=0.99,
+                   help="least top-1 agreement of int8 with fp32 on the check images, else no int8 file")  # fmt: skip
 
     p = sub.add_parser("serve", help="serve a trained model over HTTP: REST API and a web page")
     p.add_argument("run", help="run folder of a trained model")
@@ -38,10 +44,17 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from headstart.serving.export import export
+    from headstart.serving.export import export, read_metadata
 
-    path = export(args.run, args.format, args.out, args.what, input=args.input, exporter=args.exporter)
+    path = export(
+        args.run, args.format, args.out, args.what, input=args.input, exporter=args.exporter, quantize=args.quantize,
+        calibration=args.calibration, calibration_images=args.calibration_images, min_agreement=args.min_agreement,
+    )  # fmt: skip
     print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
+    if args.quantize:
+        check = read_metadata(path)["quantization"]
+        print(f"int8 top-1 agreement with fp32: {check['agreement']:.3f} on {check['images']} images "
+              f"({check['check_source']})")  # fmt: skip
     return 0
 
 

@@ -1,4 +1,5 @@
-"""The loaded-model wrapper: ``load`` a trained classifier from its run folder, ``predict``, ``evaluate``, ``embed``."""
+"""The loaded-model wrapper: ``load`` a trained classifier from its run folder (or an ONNX export of it), ``predict``,
+``evaluate``, ``embed``."""
 
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ from headstart.models.checks import (
     weight_shapes,
 )
 from headstart.models.classifier import REQUIRED, Classifier, head_from_tensors, load_classifier, read_model_info
+from headstart.models.exported import ExportedClassifier
 from headstart.models.hub import is_hub_ref, pull
 from headstart.models.prepared import PreparedBackbone
 
@@ -54,25 +56,38 @@ class Model:
     A model whose backbone stayed frozen (``auto``, ``extract``) evaluates from the feature cache: its backbone is the
     pretrained one, so the features its training computed (keyed by the weights' fingerprint, preprocessing and
     precision) are its own, and only the head runs. Its network is built on first need (new images, the report).
+
+    A model loaded from an ONNX export (fp32 or int8) runs in onnxruntime on the CPU: it predicts and evaluates, but
+    has no PyTorch network (``classifier``) for embeddings, Grad-CAM or further training.
     """
 
-    def __init__(self, classifier: Classifier | None, info: dict[str, Any], run_dir: Path):
+    def __init__(
+        self, classifier: Classifier | None, info: dict[str, Any], run_dir: Path,
+        exported: ExportedClassifier | None = None,
+    ) -> None:  # fmt: skip
         self._classifier = classifier
+        self._exported = exported
         self._saved: SavedBackbone | None = None
         self._views: dict[Preprocessing, Classifier] = {}  # the classifier under other preprocessing (TTA flip)
         self.info = info
         self.run_dir = run_dir
         self.classes: list[str] = list(info["classes"])
-        self.device = pick_device()
+        self.device = pick_device() if exported is None else torch.device("cpu")
         saved = str(info.get("precision", "fp32"))
         # Use the precision the model was validated with, where this machine runs it natively.
-        self.precision = saved if resolve_precision("auto", self.device) == "bf16" else "fp32"
+        native = exported is None and resolve_precision("auto", self.device) == "bf16"
+        self.precision = saved if native else "fp32"
         if classifier is not None:
             classifier.to(self.device)
 
     @property
     def classifier(self) -> Classifier:
         """The network, built from the run folder on first use."""
+        if self._exported is not None:
+            raise ValueError(
+                f"{self._exported.path} is an ONNX export: it predicts and evaluates, but has no PyTorch network; "
+                "load the run folder it was exported from for embeddings, the report or Grad-CAM"
+            )
         if self._classifier is None:
             self._classifier = load_classifier(self.run_dir)[0].to(self.device)
         return self._classifier
@@ -82,9 +97,16 @@ class Model:
         """The preprocessing stored with the model."""
         return Preprocessing.from_dict(self.info["preprocessing"])
 
-    def network(self, prep: Preprocessing | None = None) -> Classifier:
+    def network(self, prep: Preprocessing | None = None) -> Classifier | ExportedClassifier:
         """The classifier, or with ``prep`` another preprocessing of it (the mirrored view of TTA ``flip``): the same
-        network and head, kept for reuse."""
+        network and head, kept for reuse. A model loaded from an ONNX export answers with the export's runtime."""
+        if self._exported is not None:
+            if prep is not None and prep != self.preprocessing:
+                raise ValueError(
+                    f"{self._exported.path} runs the preprocessing it was exported with; for test-time augmentation "
+                    "flip, load the run folder (crops works with an export)"
+                )
+            return self._exported
         if prep is None or prep == self.preprocessing:
             return self.classifier
         if prep not in self._views:
@@ -102,7 +124,7 @@ class Model:
         prep, views = tta_views(tta, self.preprocessing)
         outputs = []
         for name, augment in views:
-            if from_cache and self.info.get("frozen_backbone"):
+            if from_cache and self.info.get("frozen_backbone") and self._exported is None:
                 outputs.append(self._run_head(items, batch_size, prep, name, augment))
             else:
                 outputs.append(run_model(
@@ -199,6 +221,11 @@ class Model:
 
     def embed(self, inputs: list[Path], batch_size: int = 32) -> np.ndarray:
         """Backbone features of images (the model's own embedding space)."""
+        if self._exported is not None:
+            raise ValueError(
+                f"{self._exported.path} is a classifier export; embed with the run folder, or export the embedder "
+                "(headstart export RUN --what embedder)"
+            )
         if self.info.get("frozen_backbone"):
             backbone: Backbone | SavedBackbone = self._feature_backbone()
         else:
@@ -226,7 +253,9 @@ class SavedBackbone(PreparedBackbone):
 
     def network(self) -> Backbone:
         """The model's own backbone (built from the run folder), with this description's preprocessing."""
-        return self._model.network(self.preprocessing).backbone
+        network = self._model.network(self.preprocessing)
+        assert isinstance(network, Classifier)  # a frozen backbone is described from a run folder, never an export
+        return network.backbone
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The backbone's tensors as saved."""
@@ -259,7 +288,15 @@ def class_mapping(dataset: Dataset, classes: Sequence[str], model: str = "the mo
 def load(run: str | Path) -> Model:
     """Load a trained model from its run folder, or from the hub as ``hf-hub:org/name[@revision]`` (downloaded once
     into the hub cache, then read from there, offline too); no code is executed. A frozen-backbone model builds its
-    network only when an image is not in the feature cache."""
+    network only when an image is not in the feature cache.
+
+    ``run`` may also be an ONNX classifier written by ``headstart export`` (``classifier.onnx``, or the int8
+    ``classifier.int8.onnx``): the model then runs in onnxruntime, described by the file's own metadata.
+    """
+    if Path(run).suffix == ".onnx":
+        exported = ExportedClassifier(run)
+        info = {**exported.meta, "kind": "classifier", "exported": str(exported.path)}
+        return Model(None, info, exported.path.parent, exported)
     if is_hub_ref(run):
         run = pull(str(run))
     folder = Path(run)

@@ -11,6 +11,10 @@ or backbone features ``[B, D]`` for ``what="embedder"``. Everything needed to us
 class names, the preprocessing, the backbone name and the headstart version, as ONNX ``metadata_props`` or as the
 TorchScript archive's ``headstart.json`` extra file (read it with :func:`read_metadata`, which checks the file against
 the ``checksums.json`` written beside it).
+
+``quantize="int8"`` (ONNX classifiers) also writes an int8 version beside the fp32 file, ``<name>.int8.onnx``, with
+the same inputs, outputs and metadata: static quantization by onnxruntime, calibrated on the run's training images and
+kept only if its top-1 predictions agree with fp32's on the validation images (see :mod:`headstart.serving.quantize`).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import tempfile
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -34,10 +38,14 @@ from headstart.errors import HeadstartError
 from headstart.files import make_folder, storage_error, versions
 from headstart.models.classifier import load_classifier
 
+if TYPE_CHECKING:
+    from headstart.serving.quantize import Images
+
 FORMATS = ("onnx", "torchscript")
 WHATS = ("classifier", "embedder")
 INPUTS = ("float", "uint8")
 EXPORTERS = ("auto", "dynamo", "legacy")
+QUANTIZE = ("int8",)
 METADATA_FILE = "headstart.json"  # name of the TorchScript extra file holding the metadata
 SUFFIX = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
 
@@ -83,6 +91,10 @@ def export(
     input: str = "float",
     exporter: str = "auto",
     opset: int = 18,
+    quantize: str | None = None,
+    calibration: str | Path | None = None,
+    calibration_images: int = 128,
+    min_agreement: float = 0.99,
 ) -> Path:
     """Export a trained model from its run folder.
 
@@ -95,16 +107,30 @@ def export(
         exporter: ONNX only: ``dynamo`` (``torch.export``-based, the default since torch 2.9), ``legacy``
             (TorchScript-based), or ``auto``: dynamo, falling back to legacy when dynamo cannot capture the model.
         opset: ONNX opset version.
+        quantize: ``int8``: also write ``<out stem>.int8.onnx``, quantized by onnxruntime (ONNX classifiers only).
+        calibration: folder of images to calibrate (and check) the int8 model on, instead of the run's training
+            (and validation) images.
+        calibration_images: most images to calibrate on, spread evenly over the set.
+        min_agreement: least share of check images on which the int8 model's top-1 class must match fp32's, or
+            no int8 file is written.
 
     Returns:
-        The written file.
+        The written file: the int8 one when quantizing (the fp32 one is beside it).
+
+    Raises:
+        ExportError: the exporter failed.
+        headstart.serving.quantize.QuantizationError: the int8 model could not be made or disagrees with fp32 too
+            often; the fp32 file is written and the run folder untouched either way.
     """
-    for value, allowed, name in ((format, FORMATS, "format"), (what, WHATS, "what"), (input, INPUTS, "input"),
-                                 (exporter, EXPORTERS, "exporter")):  # fmt: skip
-        if value not in allowed:
-            raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(allowed)}")
+    _check_options(format, what, input, exporter, quantize)
     run_dir = Path(run_dir)
     classifier, info = load_classifier(run_dir)
+    images = None
+    if quantize:  # onnxruntime.quantization is only needed (and only installed, with the export extra) here
+        from headstart.serving.quantize import find_images
+
+        # Before any work: a run whose data has moved fails now, not after the fp32 export.
+        images = find_images(info, run_dir, calibration, calibration_images)
     prep = classifier.backbone.preprocessing
     # Export in fp32 on the CPU whatever the model was trained with: the file must not depend on this machine.
     module: nn.Module = classifier if what == "classifier" else _Embedder(classifier.backbone)
@@ -120,7 +146,36 @@ def export(
     else:
         _export_torchscript(module, example, path, metadata)
     progress.log(f"exported {what} ({format}, {input} input {list(example.shape[1:])}) to {path}")
-    return path
+    return path if images is None else _quantized(path, images, prep, min_agreement)
+
+
+def _check_options(format: str, what: str, input: str, exporter: str, quantize: str | None) -> None:
+    choices = (
+        (format, FORMATS, "format"), (what, WHATS, "what"), (input, INPUTS, "input"),
+        (exporter, EXPORTERS, "exporter"), (quantize or QUANTIZE[0], QUANTIZE, "quantize"),
+    )  # fmt: skip
+    for value, allowed, name in choices:
+        if value not in allowed:
+            raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(allowed)}")
+    if quantize and (format, what) != ("onnx", "classifier"):
+        raise ValueError(
+            f"--quantize {quantize} is for ONNX classifiers (onnxruntime calibrates it and its class predictions are "
+            f"checked against fp32): export with --format onnx --what classifier, or drop --quantize for a {format} "
+            f"{what}. Nothing was written."
+        )
+
+
+def _quantized(fp32: Path, images: Images, prep: Preprocessing, min_agreement: float) -> Path:
+    """Write ``<fp32 stem>.int8.onnx`` beside the fp32 export; returns its path."""
+    from headstart.serving.quantize import quantize_onnx
+
+    int8 = fp32.with_name(fp32.name.removesuffix(".onnx") + ".int8.onnx")
+    check = quantize_onnx(fp32, int8, images, prep, read_metadata_props(fp32), min_agreement)
+    progress.log(
+        f"int8 model {int8}: top-1 agreement with fp32 {check.agreement:.3f} on {check.images} images "
+        f"({images.check_source}); {fp32.stat().st_size / 2**20:.1f} MiB -> {int8.stat().st_size / 2**20:.1f} MiB"
+    )
+    return int8
 
 
 def export_metadata(info: dict[str, Any], what: str, input: str, format: str) -> dict[str, str]:
@@ -147,6 +202,13 @@ def export_metadata(info: dict[str, Any], what: str, input: str, format: str) ->
     }
 
 
+def read_metadata_props(path: Path) -> dict[str, str]:
+    """The raw ``metadata_props`` of an ONNX file, as strings."""
+    import onnx
+
+    return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+
+
 def read_metadata(path: str | Path) -> dict[str, Any]:
     """The headstart metadata of an exported ONNX or TorchScript file, JSON values decoded."""
     path = Path(path)
@@ -155,10 +217,7 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     verify(path.parent, path.name, path.read_bytes(), "export the model again with `headstart export RUN`")
     raw: dict[str, str]
     if not zipfile.is_zipfile(path):  # TorchScript archives are zip files, ONNX files are protobuf
-        import onnx
-
-        model = onnx.load(str(path), load_external_data=False)
-        raw = {p.key: p.value for p in model.metadata_props}
+        raw = read_metadata_props(path)
     else:
         extra = {METADATA_FILE: ""}
         with warnings.catch_warnings():
@@ -168,7 +227,7 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     if "headstart_version" not in raw:
         raise ValueError(f"{path} carries no headstart metadata; was it written by `headstart export`?")
     decoded: dict[str, Any] = dict(raw)
-    for key in ("classes", "preprocessing", "input", "output", "val_metrics"):
+    for key in ("classes", "preprocessing", "input", "output", "val_metrics", "quantization"):
         if key in raw:
             decoded[key] = json.loads(raw[key])
     return decoded

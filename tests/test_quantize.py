@@ -1,0 +1,156 @@
+"""int8 export: onnxruntime's static quantization calibrated on the run's images, checked against fp32, refused with
+a clear message when it cannot keep the predictions; exported ONNX files load and predict through ``headstart.load``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import headstart
+from headstart.data.scan import collect_files
+from headstart.insight.predictor import load
+from headstart.models.backbones import create_backbone
+from headstart.models.classifier import Classifier, save_classifier
+from headstart.serving.export import export, read_metadata
+from headstart.serving.quantize import QuantizationError
+
+FAST = {"backbone": "tiny_cnn", "batch_size": 8, "num_workers": 0, "run.report": False}
+
+
+@pytest.fixture(scope="module")
+def tiny_extract(tmp_path_factory: pytest.TempPathFactory, tiny_weights: Path) -> Path:
+    """An extract run of tiny_cnn on synthetic stripes: a fitted head on a real run folder that names its data."""
+    from conftest import make_folder
+
+    root = tmp_path_factory.mktemp("quantize")
+    data = make_folder(root / "data", {"train": 10, "val": 5})
+    out = root / "run"
+    headstart.train(data, strategy="extract", weights=str(tiny_weights), out=str(out), cache_dir=str(root / "c"),
+                    **FAST)  # fmt: skip
+    return out
+
+
+def cli(*argv: str) -> int:
+    from headstart.cli import COMMANDS
+    from headstart.cli.serve import add_parsers
+
+    parser = argparse.ArgumentParser()
+    add_parsers(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(list(argv))
+    return int(COMMANDS[args.command](args))
+
+
+def digests(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def test_cli_writes_int8_beside_fp32_with_metadata(tiny_extract: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli("export", str(tiny_extract), "--quantize", "int8") == 0
+    fp32, int8 = tiny_extract / "classifier.onnx", tiny_extract / "classifier.int8.onnx"
+    out = capsys.readouterr().out
+    assert f"wrote {int8}" in out and "int8 top-1 agreement with fp32: 1.000 on 10 images (validation split" in out
+    meta, plain = read_metadata(int8), read_metadata(fp32)
+    assert meta["precision"] == "int8" and "precision" not in plain
+    for key in ("classes", "preprocessing", "input", "output", "backbone", "exporter"):
+        assert meta[key] == plain[key], key
+    record = meta["quantization"]
+    assert record["calibration_images"] == 20 and record["calibration_source"].startswith("training split of")
+    assert record["agreement"] == 1.0 and record["accuracy_int8"] == record["accuracy_fp32"]
+    assert "QuantizeLinear" in {n.op_type for n in __import__("onnx").load(str(int8)).graph.node}
+
+
+def test_exported_onnx_loads_predicts_and_evaluates(tiny_extract: Path) -> None:
+    if not (tiny_extract / "classifier.int8.onnx").is_file():
+        export(tiny_extract, "onnx", quantize="int8")
+    torch_model = load(tiny_extract)
+    torch_model.precision = "fp32"  # the exports are fp32; a CPU with bf16 would run the PyTorch model in bf16
+    data = Path(torch_model.info["data_path"])
+    files = collect_files([data / "val"])
+    want, _ = torch_model.predict_proba(files, from_cache=False)
+    fp32 = load(tiny_extract / "classifier.onnx")
+    got, out = fp32.predict_proba(files)
+    assert out.ok.all() and np.abs(got - want).max() < 1e-4
+    int8 = load(tiny_extract / "classifier.int8.onnx")
+    assert int8.classes == torch_model.classes and int8.preprocessing == torch_model.preprocessing
+    rows, failed = int8.predict(data / "val")
+    assert not failed and [r.label for r in rows] == [torch_model.classes[i] for i in want.argmax(1)]
+    assert int8.evaluate(data)["accuracy"] == pytest.approx(torch_model.evaluate(data)["accuracy"])
+    with pytest.raises(ValueError, match="ONNX export: it predicts and evaluates, but has no PyTorch network"):
+        int8.classifier  # noqa: B018 - the property is what is tested
+
+
+def test_unquantizable_model_is_refused_and_nothing_is_lost(tmp_path: Path, image_folder: Path) -> None:
+    """A head whose logits differ by less than int8 rounding cannot keep its top-1: refused, with what to do."""
+    torch.manual_seed(0)
+    model = Classifier(create_backbone("tiny_cnn", pretrained=False), 2).eval()
+    head = model.head
+    assert isinstance(head, torch.nn.Linear)
+    with torch.no_grad():  # both classes score alike up to 1e-4: which one wins is decided by int8 rounding
+        head.weight[1] = head.weight[0] + 1e-4 * torch.randn_like(head.weight[0])
+        head.bias[1] = head.bias[0]
+    run = tmp_path / "run"
+    save_classifier(model, run, {"classes": ["horizontal", "vertical"], "strategy": "extract"})
+    (run / "classifier.int8.onnx").write_bytes(b"an earlier int8 export")
+    before = digests(run)
+    with pytest.raises(QuantizationError) as caught:
+        export(run, "onnx", quantize="int8", calibration=image_folder / "train")
+    message = str(caught.value)
+    assert "int8 quantization refused: its top-1 agreement with fp32 is" in message
+    assert f"Use the fp32 export {run / 'classifier.onnx'}, which is intact" in message
+    assert "--calibration DIR" in message and "--min-agreement" in message
+    after = digests(run)
+    assert after.pop("classifier.onnx") and after == before  # the run and the earlier int8 file are untouched
+    assert load(run / "classifier.onnx").predict(image_folder / "val")[0]  # the fp32 export works
+    assert [p.name for p in run.iterdir() if p.name.startswith(".")] == []  # no temporary files left
+
+
+def test_quantize_options_are_checked_before_any_work(tmp_path: Path, image_folder: Path) -> None:
+    run = tmp_path / "run"
+    save_classifier(Classifier(create_backbone("tiny_cnn", pretrained=False), 2).eval(), run, {"classes": ["a", "b"]})
+    before = digests(run)
+    with pytest.raises(ValueError, match="is for ONNX classifiers .* export with --format onnx --what classifier"):
+        export(run, "torchscript", quantize="int8")
+    with pytest.raises(ValueError, match="--format onnx --what classifier, or drop --quantize for a onnx embedder"):
+        export(run, "onnx", what="embedder", quantize="int8")
+    with pytest.raises(ValueError, match="unknown quantize 'int4'; choose one of int8"):
+        export(run, "onnx", quantize="int4")
+    with pytest.raises(QuantizationError, match="names no training data; pass --calibration DIR"):
+        export(run, "onnx", quantize="int8")
+    assert digests(run) == before
+
+
+def test_load_refuses_exports_it_cannot_run(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    save_classifier(Classifier(create_backbone("tiny_cnn", pretrained=False), 2).eval(), run, {"classes": ["a", "b"]})
+    with pytest.raises(ValueError, match="is an exported embedder, not a classifier"):
+        load(export(run, "onnx", what="embedder"))
+    with pytest.raises(ValueError, match="takes uint8 pixels; .* --input float"):
+        load(export(run, "onnx", run / "u8.onnx", input="uint8"))
+    with pytest.raises(FileNotFoundError, match="export a model first"):
+        load(run / "missing.onnx")
+
+
+@pytest.mark.slow
+def test_int8_efficientnet_lite0_agrees_with_fp32_on_ants_and_bees(hymenoptera: Path, tmp_path: Path) -> None:
+    result = headstart.train(hymenoptera, strategy="extract", out=str(tmp_path / "run"),
+                             cache_dir=str(tmp_path / "cache"), **{"run.report": False})  # fmt: skip
+    run = result.run_dir
+    int8_path = export(run, "onnx", quantize="int8")
+    record = read_metadata(int8_path)["quantization"]
+    assert record["images"] == 153 and record["agreement"] >= 0.99
+    # Independently of the export's own check: the int8 file against the PyTorch model, through headstart.load.
+    files = collect_files([hymenoptera / "val"])
+    fp32 = load(run)
+    fp32.precision = "fp32"  # the run's own precision is bf16 on a CPU that has it
+    fp32_probs, fp32_out = fp32.predict_proba(files, from_cache=False)
+    int8_probs, int8_out = load(int8_path).predict_proba(files)
+    assert fp32_out.ok.sum() == int8_out.ok.sum() == 153
+    assert (fp32_probs.argmax(1) == int8_probs.argmax(1)).mean() >= 0.99
+    assert load(int8_path).evaluate(hymenoptera)["accuracy"] >= 0.94
+    assert int8_path.stat().st_size < 0.35 * (run / "classifier.onnx").stat().st_size
