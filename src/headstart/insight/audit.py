@@ -158,6 +158,12 @@ class AuditResult:
             "label_issues": [{**asdict(i), "path": str(i.path)} for i in self.label_issues],
         }
 
+    def _repr_html_(self) -> str:
+        """Counts, statistics and thumbnails of the flagged files, shown by Jupyter."""
+        from headstart.insight.notebook import audit_view
+
+        return audit_view(self)
+
 
 def _skip_kind(skipped: Skipped) -> str:
     return "placeholder" if skipped.reason.startswith("placeholder") else "unreadable"
@@ -482,7 +488,7 @@ THUMB_SIDE = 128  # pixels, longer side of an audit thumbnail
 
 
 @dataclass(frozen=True)
-class _Card:
+class Card:
     """One flagged file as the audit page shows it: thumbnail (None when undecodable), path and what is wrong."""
 
     url: str | None
@@ -490,16 +496,16 @@ class _Card:
     caption: str
 
 
-def _card(path: Path, caption: str, folder: Path, name: str) -> _Card:
+def _card(path: Path, caption: str, folder: Path, name: str) -> Card:
     """The card of ``path``, its thumbnail written as ``folder/thumbs/<name>.jpg``."""
     try:
         image = thumbnail(path, THUMB_SIDE)
     except DataError:
-        return _Card(None, path, caption)
+        return Card(None, path, caption)
     target = folder / "thumbs" / f"{name}.jpg"
     target.parent.mkdir(exist_ok=True)
     image.save(target, quality=80)
-    return _Card(f"thumbs/{target.name}", path, caption)
+    return Card(f"thumbs/{target.name}", path, caption)
 
 
 def _html(result: AuditResult, folder: Path) -> str:

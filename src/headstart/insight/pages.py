@@ -42,7 +42,7 @@ class Section:
     """One block of a page of sections: a heading, then warnings, a table, a line of text and a figure."""
 
     title: str
-    image: str | None = None  # file name under the page's figures folder
+    image: str | None = None  # file name under the page's figures folder (a data URI in a notebook's view)
     alt: str = ""
     table: Table | None = None
     text: str = ""  # a muted line under the table

@@ -117,6 +117,12 @@ class Model:
             self._views[prep] = view.eval()
         return self._views[prep]
 
+    def _repr_html_(self) -> str:
+        """What the model is, its recorded scores, confusion matrix and learning curves, shown by Jupyter."""
+        from headstart.insight.notebook import model_view
+
+        return model_view(self)
+
     def _run(
         self, items: list[ImageRecord] | list[Path], batch_size: int, from_cache: bool = False, tta: str = "none"
     ) -> Outputs:

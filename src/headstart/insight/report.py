@@ -97,6 +97,11 @@ def _save(fig: Figure, path: Path) -> str:
 
 
 def plot_learning_curves(history: list[dict[str, Any]], path: Path) -> str:
+    """Loss and accuracy per epoch, train and validation (:func:`learning_curves_figure`), saved as ``path``."""
+    return _save(learning_curves_figure(history), path)
+
+
+def learning_curves_figure(history: list[dict[str, Any]]) -> Figure:
     """Loss and accuracy per epoch, train and validation; epoch 0 is the head fitted on frozen features.
 
     A panel without any recorded value (the head phase records no loss) is left out rather than drawn empty.
@@ -124,10 +129,15 @@ def plot_learning_curves(history: list[dict[str, Any]], path: Path) -> str:
         if name == "accuracy":
             ax.set_ylim(min(0.0, ax.get_ylim()[0]), 1.02)
     fig.suptitle("Learning curves")
-    return _save(fig, path)
+    return fig
 
 
 def plot_confusion(matrix: list[list[int]], classes: list[str], path: Path) -> str:
+    """Confusion matrix with counts (:func:`confusion_figure`), saved as ``path``."""
+    return _save(confusion_figure(matrix, classes), path)
+
+
+def confusion_figure(matrix: list[list[int]], classes: list[str]) -> Figure:
     """Confusion matrix with counts; rows are true classes, columns predicted ones."""
     counts = np.asarray(matrix)
     side = 2.5 + 0.5 * len(classes)
@@ -143,7 +153,7 @@ def plot_confusion(matrix: list[list[int]], classes: list[str], path: Path) -> s
     for (i, j), value in np.ndenumerate(counts):
         ax.text(j, i, str(value), ha="center", va="center", color="white" if value > threshold else "black")
     ax.set_title("Confusion matrix (validation)")
-    return _save(fig, path)
+    return fig
 
 
 def plot_per_class(per_class: dict[str, dict[str, float]], path: Path) -> str:

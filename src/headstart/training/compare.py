@@ -79,6 +79,10 @@ class CompareResult:
     report: Path
     n_val: int  # validation images: 1 / n_val is what one image moves accuracy by
 
+    def _repr_html_(self) -> str:
+        """The strategy table, the runs and the bar chart, shown by Jupyter."""
+        return compare_view(self)
+
 
 def trainable_parameters(run_dir: Path) -> int:
     """Parameters the run's strategy trains, counted on the saved model with the strategy's own freezing rules."""
@@ -132,6 +136,14 @@ def summarise(runs: list[RunRow], strategies: tuple[str, ...]) -> list[StrategyR
 
 
 def plot_comparison(table: list[StrategyRow], path: Path) -> str:
+    """The bar chart of :func:`comparison_figure`, saved as ``path``; returns its file name."""
+    fig = comparison_figure(table)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight", facecolor="white")
+    return path.name
+
+
+def comparison_figure(table: list[StrategyRow]) -> Figure:
     """Bars of mean accuracy and balanced accuracy per strategy, error bars one standard deviation."""
     fig = Figure(figsize=(7, 4), layout="constrained")
     ax = fig.subplots()
@@ -147,9 +159,7 @@ def plot_comparison(table: list[StrategyRow], path: Path) -> str:
     ax.legend(loc="upper center", ncols=2)
     ax.grid(axis="y", alpha=0.3)
     ax.set_title("Strategies compared (mean ± std over seeds)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight", facecolor="white")
-    return path.name
+    return fig
 
 
 def table_rows(table: list[StrategyRow]) -> list[tuple[str, ...]]:
@@ -206,6 +216,23 @@ def write_outputs(out: Path, runs: list[RunRow], table: list[StrategyRow], meta:
 
 
 RUNS_HEADER = ("strategy", "seed", "accuracy", "balanced accuracy", "wall time (s)", "report")
+
+
+def compare_view(result: CompareResult) -> str:
+    """The comparison as a notebook shows it: the tables of ``report.html`` and its chart inline."""
+    from headstart.insight.notebook import fragment, png_uri
+
+    runs = [(r.strategy, r.seed, f"{r.accuracy:.4f}", f"{r.balanced_accuracy:.4f}", f"{r.seconds:.1f}")
+            for r in result.runs]  # fmt: skip
+    sections = [
+        Section("Results", table=Table(TABLE_HEADER, table_rows(result.table), "comparison"),
+                text=f"{result.n_val} validation images: one image moves accuracy by "
+                f"{100 / max(1, result.n_val):.2f} points."),
+        Section("Runs", table=Table(RUNS_HEADER[:-1], runs, "runs")),
+    ]  # fmt: skip
+    chart = Section("Accuracy by strategy", png_uri(comparison_figure(result.table)), "accuracy per strategy")
+    return fragment(f"headstart compare: {len(result.runs)} runs", f"{result.out} | report {result.report}",
+                    sections, [chart])  # fmt: skip
 
 
 def _report_link(out: Path, run_dir: Path) -> Link | str:

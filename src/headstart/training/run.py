@@ -104,6 +104,12 @@ class TrainResult:
     # entirely from the caches: it never built the network (``load(run_dir)`` does).
     model: Classifier | None = None
 
+    def _repr_html_(self) -> str:
+        """Scores, confusion matrix and learning curves, shown by Jupyter."""
+        from headstart.insight.notebook import train_view
+
+        return train_view(self)
+
 
 def build_config(data: str | Path | None = None, config: TrainConfig | None = None, **overrides: Any) -> TrainConfig:
     """A config from a base (default: ``TrainConfig()``), the data path, and keyword overrides.
