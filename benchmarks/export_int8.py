@@ -3,6 +3,7 @@ side by side in one process, on the same decoded ants/bees images.
 
     python benchmarks/export_int8.py                 # trains an extract run of EfficientNet-Lite0 on ants/bees first
     python benchmarks/export_int8.py --run runs/x    # an existing run folder (its training data must be in place)
+    python benchmarks/export_int8.py --threads 1     # one intra-op thread per engine (steadier on a shared machine)
 
 Prints, for each engine, latency at batch 1 (median and 90th percentile over single-image calls) and throughput at
 batch 32 (images/s), with ratios against PyTorch fp32 measured in the same run; top-1 agreement with PyTorch fp32
@@ -98,6 +99,8 @@ def prepare(args: argparse.Namespace) -> tuple[Path, dict[str, float]]:
         headstart.train(args.data or hymenoptera(), strategy="extract", backbone=args.backbone, out=str(run),
                         **{"run.report": False})  # fmt: skip
         seconds["train_extract"] = time.perf_counter() - tic
+    if args.reuse_exports and (run / "classifier.int8.onnx").is_file():
+        return run, seconds
     tic = time.perf_counter()
     export(run, "onnx", quantize="int8")  # the fp32 export, then its int8 version beside it
     seconds["export_fp32_and_int8"] = time.perf_counter() - tic
@@ -135,8 +138,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--batches", type=int, default=4, help="batches per engine and repeat")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, help="intra-op threads of every engine (default: torch's default)")
+    parser.add_argument("--reuse-exports", action="store_true", help="with --run: use the exports already there")
     parser.add_argument("--out", type=Path, default=RESULTS / "export_int8_cpu.json")
     args = parser.parse_args()
+    if args.threads:  # before any engine exists; onnxruntime sessions get the same number below
+        torch.set_num_threads(args.threads)
 
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     load_before = os.getloadavg()
@@ -173,7 +180,10 @@ def main() -> None:
             "threads": threads,
             "load_average_1min": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
         },
-        "command": "python benchmarks/export_int8.py" + (f" --run {args.run}" if args.run else ""),
+        "command": "python benchmarks/export_int8.py"
+        + (f" --run {args.run}" if args.run else "")
+        + (f" --threads {args.threads}" if args.threads else "")
+        + (" --reuse-exports" if args.reuse_exports else ""),
         "run": str(run),
         "input_size": prep.input_size,
         "val_images": len(images),
@@ -204,7 +214,8 @@ def report(result: dict[str, Any]) -> None:
     print(f"int8 export check: agreement with ONNX fp32 {q['agreement']:.3f} on {q['images']} images, "
           f"calibrated on {q['calibration_images']} training images")  # fmt: skip
     print("files: " + ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in result["file_bytes"].items()))
-    print("seconds: " + ", ".join(f"{k} {v}" for k, v in result["seconds"].items()))
+    if result["seconds"]:
+        print("seconds: " + ", ".join(f"{k} {v}" for k, v in result["seconds"].items()))
 
 
 if __name__ == "__main__":

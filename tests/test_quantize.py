@@ -123,6 +123,8 @@ def test_quantize_options_are_checked_before_any_work(tmp_path: Path, image_fold
         export(run, "onnx", what="embedder", quantize="int8")
     with pytest.raises(ValueError, match="unknown quantize 'int4'; choose one of int8"):
         export(run, "onnx", quantize="int4")
+    with pytest.raises(ValueError, match="give at least one image and an agreement between 0 and 1"):
+        export(run, "onnx", quantize="int8", min_agreement=99)
     with pytest.raises(QuantizationError, match="names no training data; pass --calibration DIR"):
         export(run, "onnx", quantize="int8")
     assert digests(run) == before

@@ -123,6 +123,11 @@ def export(
             often; the fp32 file is written and the run folder untouched either way.
     """
     _check_options(format, what, input, exporter, quantize)
+    if quantize and not (calibration_images >= 1 and 0.0 <= min_agreement <= 1.0):
+        raise ValueError(
+            f"--calibration-images {calibration_images} and --min-agreement {min_agreement}: give at least one image "
+            "and an agreement between 0 and 1"
+        )
     run_dir = Path(run_dir)
     classifier, info = load_classifier(run_dir)
     images = None
