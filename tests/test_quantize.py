@@ -14,6 +14,7 @@ import torch
 
 import headstart
 from headstart.data.scan import collect_files
+from headstart.errors import IntegrityError
 from headstart.insight.predictor import load
 from headstart.models.backbones import create_backbone
 from headstart.models.classifier import Classifier, load_classifier, save_classifier
@@ -106,11 +107,17 @@ def test_unquantizable_model_is_refused_and_nothing_is_lost(tiny_extract: Path, 
     assert f"Use the fp32 export {run / 'classifier.onnx'}, which is intact" in message
     assert "--calibration DIR" in message and "--min-agreement" in message
     after = digests(run)
-    assert after.pop("classifier.onnx") and after == before  # the run and the earlier int8 file are untouched
+    assert after.pop("classifier.onnx") and after.pop("checksums.json") != before.pop("checksums.json")
+    assert after == before  # the model files and the earlier int8 file are untouched; the manifest lists the export
+    assert load(run).classes == ["horizontal", "vertical"]  # and still vouches for the model files
     data = Path(info["data_path"])
     fp32 = load(run / "classifier.onnx")
     assert fp32.evaluate(data)["accuracy"] >= 0.7  # the fp32 export works (and still classifies)
     assert [p.name for p in run.iterdir() if p.name.startswith(".")] == []  # no temporary files left
+    with (run / "classifier.onnx").open("ab") as handle:
+        handle.write(b"\0")
+    with pytest.raises(IntegrityError, match=r"classifier\.onnx was modified or replaced"):
+        load(run / "classifier.onnx")
 
 
 def test_quantize_options_are_checked_before_any_work(tmp_path: Path, image_folder: Path) -> None:
@@ -141,9 +148,9 @@ def test_load_refuses_exports_it_cannot_run(tmp_path: Path) -> None:
         load(run / "missing.onnx")
 
 
-# serving/serve.py's Service runs ``model.classifier``, which an ONNX export does not have; with ``model.network``
-# there (the same substitution on two lines) this test passes: then remove the marker.
-@pytest.mark.xfail(strict=True, raises=ValueError, reason="serve.py still uses model.classifier, not model.network")
+# serving/serve.py's Service.__init__ calls ``self.model.classifier.eval()``, which an ONNX export does not have; with
+# ``self.model.network().eval()`` there this test passes: then remove the marker.
+@pytest.mark.xfail(strict=True, raises=ValueError, reason="serve.py calls model.classifier, not model.network()")
 def test_service_serves_the_int8_model(tiny_extract: Path) -> None:
     import httpx
 

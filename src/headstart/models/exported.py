@@ -1,9 +1,10 @@
 """An exported ONNX classifier (fp32 or int8, ``headstart export``) as a PyTorch module, so that the code that runs a
 model (batched inference, ``predict``, ``evaluate``, the service) runs the exported file the same way.
 
-The file's own metadata says what it is (classes, preprocessing, backbone, precision); nothing else is read. The
-onnxruntime session is made on first use in each process: a session made before a fork would be copied into the
-DataLoader's worker processes without its thread pool, so each process makes, and keeps, its own.
+The file's own metadata says what it is (classes, preprocessing, backbone, precision); besides it only the folder's
+``checksums.json`` is read, to check the file as every export is checked. Each process makes its own onnxruntime
+session, on first use, and keeps it: a session made before a fork would reach the DataLoader's worker processes
+without its thread pool.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from headstart.checksums import verify
 from headstart.data.transforms import Preprocessing
 
 
@@ -76,15 +78,18 @@ class ExportedClassifier(nn.Module):
 
 
 def _open(path: Path) -> Any:
-    """An onnxruntime CPU session of ``path`` with as many threads as torch uses in this process."""
+    """An onnxruntime CPU session of ``path`` (checked against its folder's checksums) with as many threads as torch
+    uses in this process."""
     import onnxruntime as ort
 
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found; export a model first with `headstart export RUN`")
+    data = path.read_bytes()
+    verify(path.parent, path.name, data, "export the model again with `headstart export RUN`")
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
     try:
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
     except Exception as error:  # onnxruntime's exception types have no stable importable names
         raise ValueError(f"{path} is not a readable ONNX file ({type(error).__name__}: {error})") from error
 

@@ -24,7 +24,6 @@ agreed, travels in its metadata (key ``quantization``).
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -36,10 +35,11 @@ import numpy as np
 import torch
 from onnxruntime.quantization import CalibrationDataReader
 
+from headstart.checksums import write_files
 from headstart.data.scan import collect_files, load_dataset
 from headstart.data.transforms import Preprocessing, eval_tensor, normalize
-from headstart.errors import DataError
-from headstart.files import default_cache_root, installed_version
+from headstart.errors import DataError, HeadstartError
+from headstart.files import default_cache_root, installed_version, storage_error
 
 MIN_AGREEMENT = 0.99  # top-1 agreement with fp32 below which the int8 file is refused
 CALIBRATION_IMAGES = 128  # Lite0 on ants/bees: 64 training images gave 99.3% agreement on val, 128 and 244 100%
@@ -49,7 +49,7 @@ CALIBRATION_BATCH = 4
 METHOD = "static QDQ: int8 weights per channel, uint8 activations, MinMax calibration"
 
 
-class QuantizationError(ValueError):
+class QuantizationError(HeadstartError, ValueError):
     """The model could not be quantized, or its int8 version disagrees with fp32 too often (the message says what to
     do instead)."""
 
@@ -183,15 +183,18 @@ def quantize_onnx(
         )
     check_pixels, checked = decode(images.check, prep)
     labels = _labels_of(images, checked)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    except OSError as error:
+        raise storage_error(error, out) from error
     try:
         staged = tmp / out.name
         kept = _quantize(fp32, tmp, staged, _Batches(calibration, prep, dtype))
         check = compare(fp32, staged, network_input(check_pixels, prep, dtype), labels)
         if check.agreement < min_agreement:
             raise QuantizationError(_refusal(fp32, out, check, images, len(used), min_agreement))
-        _add_metadata(staged, metadata, images, len(used), check, kept)
-        os.replace(staged, out)
+        # Written like every export: atomically, its checksum recorded in the folder's checksums.json.
+        write_files(out.parent, {out.name: _with_metadata(staged, metadata, images, len(used), check, kept)})
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return check
@@ -220,6 +223,8 @@ def _quantize(fp32: Path, tmp: Path, out: Path, reader: _Batches) -> list[str]:
             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
             nodes_to_exclude=kept,
         )  # fmt: skip
+    except OSError as error:  # a full disk or a read-only folder, not the graph's fault
+        raise storage_error(error, out) from error
     except Exception as error:  # onnxruntime raises bare exceptions of many kinds for graphs it cannot handle
         first = str(error).strip().splitlines()[0][:300] if str(error).strip() else ""
         raise QuantizationError(
@@ -283,9 +288,10 @@ def _refusal(fp32: Path, out: Path, check: Check, images: Images, calibrated: in
     )
 
 
-def _add_metadata(
+def _with_metadata(
     path: Path, metadata: dict[str, str], images: Images, calibrated: int, check: Check, kept: list[str]
-) -> None:
+) -> bytes:
+    """The int8 file's bytes, with the fp32 file's metadata and the record of its quantization."""
     import onnx
 
     model = onnx.load(str(path))
@@ -302,4 +308,5 @@ def _add_metadata(
     values = {**metadata, "precision": "int8", "quantization": json.dumps(record)}
     del model.metadata_props[:]
     model.metadata_props.extend([onnx.StringStringEntryProto(key=k, value=v) for k, v in values.items()])
-    onnx.save(model, str(path))
+    data: bytes = model.SerializeToString()
+    return data
