@@ -148,9 +148,6 @@ def test_load_refuses_exports_it_cannot_run(tmp_path: Path) -> None:
         load(run / "missing.onnx")
 
 
-# serving/serve.py's Service.__init__ calls ``self.model.classifier.eval()``, which an ONNX export does not have; with
-# ``self.model.network().eval()`` there this test passes: then remove the marker.
-@pytest.mark.xfail(strict=True, raises=ValueError, reason="serve.py calls model.classifier, not model.network()")
 def test_service_serves_the_int8_model(tiny_extract: Path) -> None:
     import httpx
 
@@ -165,8 +162,10 @@ def test_service_serves_the_int8_model(tiny_extract: Path) -> None:
     with serve_in_thread(create_app(int8)) as url, httpx.Client(base_url=url, timeout=30) as client:
         assert client.get("/health").json()["classes"] == model.classes
         response = client.post("/predict", files=[("files", (f.name, f.read_bytes(), "image/jpeg")) for f in files])
-    assert response.status_code == 200
-    assert [r["label"] for r in response.json()["results"]] == want
+        assert response.status_code == 200
+        assert [r["label"] for r in response.json()["results"]] == want
+        flipped = client.post("/predict?tta=flip", files=[("files", (files[0].name, files[0].read_bytes()))])
+        assert flipped.status_code == 400 and "flip" in flipped.json()["detail"]  # an export has one preprocessing
 
 
 @pytest.mark.slow

@@ -227,7 +227,9 @@ def test_seed_backbone_from_its_published_file_offline(
         predictions = json.loads((tmp_path / "predictions.json").read_text())
         assert len(predictions) == 2 and {p["label"] for p in predictions} <= {"horizontal", "vertical"}
         lap("predict")
-        cli("export", str(tmp_path / "finetune"), "--format", "onnx")
+        # The TorchScript exporter: 53 s for NASNet-A Large where dynamo takes 139 s (loaded 2-core machine), which
+        # keeps CI within its time; the dynamo path is tested on the bundled backbones in test_export.py.
+        cli("export", str(tmp_path / "finetune"), "--format", "onnx", "--exporter", "legacy")
         onnx_matches_pytorch(tmp_path / "finetune", val)
         lap("export")
     finally:

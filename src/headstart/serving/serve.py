@@ -140,7 +140,7 @@ class Service:
     def __init__(self, run_dir: str | Path, index_dir: str | Path | None = None):
         tic = time.perf_counter()
         self.model: Model = load(run_dir)
-        self.model.classifier.eval()
+        self.model.network().eval()  # a run folder's classifier, or an ONNX export (fp32 or int8)
         self.index = _Index(Path(index_dir)) if index_dir else None
         # One forward pass at a time: PyTorch modules are not documented as thread-safe, and on CPU one pass
         # already uses every core, so serialising costs no throughput. In arrival order, so a request waits for
@@ -174,9 +174,12 @@ class Service:
     def predict(self, uploads: list[_Upload], top_k: int, tta: str = "none") -> list[dict[str, Any]]:
         """Top-k classes of each upload; with ``tta`` the logits of its views averaged (as ``Model.predict``)."""
         prep, views = tta_views(tta, self.model.preprocessing)
+        try:
+            network = self.model.network(prep)
+        except ValueError as error:  # an export runs only its own preprocessing: no mirrored view (flip)
+            raise HTTPException(400, str(error)) from error
         batches = [normalize(b, prep).to(self.model.device) for b in self.decode_views(uploads, prep, views)]
         with self.lock, torch.inference_mode(), autocast(self.model.device, self.model.precision):
-            network = self.model.network(prep)
             logits = torch.stack([network(x).float() for x in batches]).mean(0)
             probs = torch.softmax(logits, dim=1).cpu().numpy()
         return [
