@@ -60,6 +60,29 @@ def test_second_run_hits_the_cache(backbone: Backbone, files: list[Path], cache_
     assert [(name.split("-")[0], n) for name, n, _ in cache_info(cache_dir)] == [("tiny_cnn", len(files))]
 
 
+def test_an_interrupted_pass_keeps_the_batches_it_finished(
+    backbone: Backbone, files: list[Path], cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Features are cached batch by batch: a run stopped in its second batch computes only that batch again."""
+    calls = 0
+    real = backbone.forward
+
+    def stop_in_second_batch(x: torch.Tensor) -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise KeyboardInterrupt
+        return real(x)
+
+    monkeypatch.setattr(backbone, "forward", stop_in_second_batch)
+    with pytest.raises(KeyboardInterrupt):
+        embed(backbone, files, precision="fp32", cache_root=cache_dir, batch_size=4, workers=0, device=FAST["device"])
+    monkeypatch.setattr(backbone, "forward", real)
+    resumed = embed(backbone, files, precision="fp32", cache_root=cache_dir, batch_size=4, workers=0,
+                    device=FAST["device"])  # fmt: skip
+    assert (resumed.hits, resumed.computed) == (4, len(files) - 4)
+
+
 def test_edited_image_is_recomputed_alone(backbone: Backbone, files: list[Path], cache_dir: Path) -> None:
     before = embed(backbone, files, precision="fp32", cache_root=cache_dir, **FAST)
     stripes(1, np.random.default_rng(42)).save(files[3], quality=80)

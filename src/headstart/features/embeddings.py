@@ -212,16 +212,18 @@ def embed(
 
 
 def _compute_shares(
-    run: Callable[[list[ImageRecord]], Any], records: list[ImageRecord], todo: list[int], cache: FeatureCache | None,
+    run: Callable[..., Any], records: list[ImageRecord], todo: list[int], cache: FeatureCache | None,
     features: np.ndarray, ok: np.ndarray, world: int, rank: int,
 ) -> list[tuple[Path, str]]:  # fmt: skip
     """Compute this rank's share of ``todo`` (every position when alone), cache it, and merge every rank's share into
     ``features``/``ok`` in input order; returns the files that could not be read, sorted."""
     mine = todo[rank::world]
-    computed = run([records[i] for i in mine])
-    for j in np.flatnonzero(computed.ok):
-        if cache is not None:
-            cache.put(records[mine[j]].digest, computed.values[j])
+
+    def keep(rows: np.ndarray, values: np.ndarray) -> None:  # cached batch by batch: a killed run loses one batch
+        for j, vector in zip(rows, values, strict=True):
+            cache.put(records[mine[int(j)]].digest, vector)  # type: ignore[union-attr]
+
+    computed = run([records[i] for i in mine], on_batch=keep if cache is not None else None)
     shards = [(mine, computed.values, computed.ok, computed.failed)]
     if world > 1:
         import torch.distributed as dist

@@ -104,6 +104,7 @@ def run_model(
     channels_last: bool = True,
     description: str = "inference",
     augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    on_batch: Callable[[np.ndarray, np.ndarray], None] | None = None,
 ) -> Outputs:
     """Run ``module`` over image files in batches.
 
@@ -120,6 +121,8 @@ def run_model(
         channels_last: NHWC memory format.
         description: progress bar label.
         augment: decode base images and apply this instead of the centre crop (augmented views).
+        on_batch: called with (positions, outputs) of every batch as it finishes, e.g. to cache it at once, so a run
+            killed half-way keeps what it computed.
     """
     device = device or next(module.parameters()).device
     values = np.zeros((len(records), width), dtype=np.float32)
@@ -140,6 +143,8 @@ def run_model(
             rows = index.numpy()
             values[rows] = out.numpy()
             ok[rows] = True
+            if on_batch is not None and len(rows):
+                on_batch(rows, values[rows])
             done += size
             bars.update(task, completed=done)
     module.train(was_training)
