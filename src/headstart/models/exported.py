@@ -96,7 +96,12 @@ def _open(path: Path) -> Any:
 
 def _metadata(path: Path, session: Any) -> dict[str, Any]:
     """The headstart metadata of an ONNX file, JSON values decoded."""
-    raw = dict(session.get_modelmeta().custom_metadata_map)
+    return decode_metadata(path, dict(session.get_modelmeta().custom_metadata_map))
+
+
+def decode_metadata(path: Path, raw: dict[str, str]) -> dict[str, Any]:
+    """An export's headstart metadata (string values, as ONNX and TorchScript store them) with its JSON values
+    decoded; a file without it is refused."""
     if "headstart_version" not in raw:
         raise ValueError(f"{path} carries no headstart metadata; was it written by `headstart export`?")
     decoded: dict[str, Any] = dict(raw)

@@ -37,6 +37,7 @@ from headstart.data.transforms import Preprocessing
 from headstart.errors import HeadstartError
 from headstart.files import make_folder, storage_error, versions
 from headstart.models.classifier import load_classifier
+from headstart.models.exported import decode_metadata
 
 if TYPE_CHECKING:
     from headstart.serving.quantize import Images
@@ -229,13 +230,7 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
             warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated but is the TorchScript format
             torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
         raw = json.loads(extra[METADATA_FILE])
-    if "headstart_version" not in raw:
-        raise ValueError(f"{path} carries no headstart metadata; was it written by `headstart export`?")
-    decoded: dict[str, Any] = dict(raw)
-    for key in ("classes", "preprocessing", "input", "output", "val_metrics", "quantization"):
-        if key in raw:
-            decoded[key] = json.loads(raw[key])
-    return decoded
+    return decode_metadata(path, raw)
 
 
 def _example(prep: Preprocessing, input: str) -> torch.Tensor:
