@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -148,9 +149,17 @@ def test_push_then_pull_predicts_exactly_as_the_run(
     assert sorted(hub.files("me/stripes")) == [
         "README.md", "config.yaml", "metrics.json", "model.json", "model.safetensors"
     ]  # fmt: skip
-    for name in ("model.safetensors", "model.json"):
-        assert (hub.repo("me/stripes") / name).read_bytes() == (trained / name).read_bytes()
+    assert (hub.repo("me/stripes") / "model.safetensors").read_bytes() == (trained / "model.safetensors").read_bytes()
     assert (hub.repo("me/stripes") / "README.md").read_text() == (trained / "README.md").read_text()
+    # this machine's paths (data, weights file, output, cache) are cut to their last part; the rest is as written
+    local = json.loads((trained / "model.json").read_text())
+    pushed = json.loads((hub.repo("me/stripes") / "model.json").read_text())
+    assert str(image_folder) in json.dumps(local) and str(trained) in (trained / "config.yaml").read_text()
+    for name in ("model.json", "config.yaml"):
+        text = (hub.repo("me/stripes") / name).read_text()
+        assert str(image_folder) not in text and str(trained) not in text and str(tmp_path.parent) not in text, name
+    assert pushed["data_path"] == image_folder.name and pushed["classes"] == local["classes"]
+    assert {k: v for k, v in pushed.items() if v == local[k]}.keys() >= {"backbone", "preprocessing", "strategy"}
 
     assert main(["pull", "me/stripes", "--out", str(tmp_path / "pulled")]) == 0
     expected = probabilities(headstart.load(trained), image_folder / "val")

@@ -10,7 +10,9 @@ and uploads it with the run's ``model.safetensors``, ``model.json``, ``config.ya
 from __future__ import annotations
 
 import json
-from pathlib import Path
+import shutil
+import tempfile
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 from headstart import progress
@@ -71,7 +73,38 @@ def push(
     files = [name for name in (*MODEL_FILES, CARD) if (run / name).is_file()]
     if dry_run:
         return ", ".join(files)
-    return _upload(run, repo_id, files, private, token, commit_message or f"headstart: {_title(info)}")
+    with tempfile.TemporaryDirectory(prefix="headstart-push-") as stage:
+        _stage(run, Path(stage), files)
+        return _upload(Path(stage), repo_id, files, private, token, commit_message or f"headstart: {_title(info)}")
+
+
+def _stage(run: Path, stage: Path, files: list[str]) -> None:
+    """Copy what is uploaded, with this machine's paths cut to their last part in ``model.json`` and
+    ``config.yaml`` (data folder, weights file, output and cache folders): they say where the files were here, which
+    the hub's readers need not know, and a reader's copy never reads them back."""
+    import yaml
+
+    for name in files:
+        if name == "model.json":
+            (stage / name).write_text(json.dumps(_local_paths_cut(json.loads((run / name).read_text())), indent=2))
+        elif name == "config.yaml":
+            cut = _local_paths_cut(yaml.safe_load((run / name).read_text()))
+            (stage / name).write_text(yaml.safe_dump(cut, sort_keys=False))
+        else:
+            shutil.copy2(run / name, stage / name)
+
+
+def _local_paths_cut(value: Any) -> Any:
+    """``value`` with every absolute local path (also as ``file:PATH``) replaced by its last part."""
+    if isinstance(value, dict):
+        return {k: _local_paths_cut(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_local_paths_cut(v) for v in value]
+    if isinstance(value, str):
+        prefix, path = ("file:", value[5:]) if value.startswith("file:") else ("", value)
+        if PurePosixPath(path).is_absolute() or PureWindowsPath(path).drive or path.startswith("~"):
+            return prefix + PureWindowsPath(path).name  # a Windows path reads both separators
+    return value
 
 
 def _upload(run: Path, repo_id: str, files: list[str], private: bool, token: str | None, message: str) -> str:
