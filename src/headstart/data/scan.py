@@ -31,7 +31,8 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from headstart import progress
-from headstart.errors import DataError
+from headstart.errors import DataError, StorageError
+from headstart.files import atomic_write_bytes
 
 MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb threshold (about 0.25 GB of RGB)
 # A progressive JPEG's decoder passes over every block of the image once per scan, so a few bytes per extra scan
@@ -333,17 +334,15 @@ class ScanCache:
         self.seen[digest] = facts
 
     def save(self) -> None:
-        """Write this scan's entries (atomically: a torn file would only be ignored, but never half-read)."""
+        """Write this scan's entries, atomically.
+
+        Raises:
+            StorageError: the cache folder cannot be written (disk full, read-only); no temporary file is left.
+        """
         if self.seen == self.known:
             return
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}")
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(json.dumps({"version": self.version, "files": self.seen}))
-            os.replace(tmp, self.path)
-        except OSError:
-            tmp.unlink(missing_ok=True)  # a full disk must not keep a torn copy beside the cache
-            raise
+        # Not flushed to the disk: after a power cut a torn file is only ignored (the next scan decodes again).
+        atomic_write_bytes(self.path, json.dumps({"version": self.version, "files": self.seen}).encode(), sync=False)
 
 
 def scan_files(
@@ -364,8 +363,8 @@ def scan_files(
     if cache is not None:
         try:
             cache.save()
-        except OSError as error:  # a full or read-only cache folder costs the next scan time, nothing else
-            progress.log(f"scan cache not saved, so the next scan decodes every file again: {error} "
+        except StorageError as error:  # a full or read-only cache folder costs the next scan time, nothing else
+            progress.log(f"scan cache not saved, so the next scan decodes every file again: {error.reason or error} "
                          "(or make room with `headstart cache clear`)")  # fmt: skip
     repeats = Counter(record.digest for record, _ in results if record is not None and record.blank)
     records: list[ImageRecord] = []
