@@ -26,15 +26,12 @@ from headstart.insight.metrics import classification_metrics
 from headstart.models.backbones import Backbone, fingerprint_tensors
 from headstart.models.checks import (
     HEAD_TENSORS,
-    INFO_FILE,
-    check_classifier,
-    checked_preprocessing,
+    check_classifier_files,
     head_type,
     read_weights,
-    require,
     weight_shapes,
 )
-from headstart.models.classifier import REQUIRED, Classifier, head_from_tensors, load_classifier, read_model_info
+from headstart.models.classifier import Classifier, head_from_tensors, load_classifier, read_model_info
 from headstart.models.exported import ExportedClassifier
 from headstart.models.hub import is_hub_ref, pull
 from headstart.models.prepared import PreparedBackbone
@@ -312,9 +309,7 @@ def load(run: str | Path) -> Model:
     if info.get("frozen_backbone"):
         # The network is built (and the weights read) on first need; the files' agreement is checked now, from the
         # weights' header, so that a mismatch is reported here rather than as a failed array operation later.
-        require(info, REQUIRED, folder)
-        check_classifier(info, weight_shapes(folder, HEAD_TENSORS[head_type(info)]), folder)
-        checked_preprocessing(info["preprocessing"], folder / INFO_FILE)
+        check_classifier_files(info, weight_shapes(folder, HEAD_TENSORS[head_type(info)]), folder)
         return Model(None, info, folder)
     classifier, info = load_classifier(folder)
     return Model(classifier, info, folder)

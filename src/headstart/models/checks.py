@@ -25,6 +25,8 @@ RETRAIN = "train the model again (`headstart train`), or restore the run folder 
 INFO_FILE, WEIGHTS_FILE = "model.json", "model.safetensors"
 INTERPOLATIONS = ("bilinear", "bicubic")
 HEAD_TENSORS = {"linear": ("head.weight", "head.bias"), "knn": ("head.bank", "head.labels")}
+# What model.json must hold for a classifier to be rebuilt from it.
+REQUIRED = ("kind", "classes", "backbone", "num_classes", "num_features", "head", "preprocessing")
 
 
 def read_info(folder: Path, remedy: str = RETRAIN) -> dict[str, Any]:
@@ -124,6 +126,23 @@ def check_classifier(info: dict[str, Any], shapes: dict[str, tuple[int, ...]], f
     if "num_features" in info and shapes[key][-1] != info["num_features"]:
         raise IntegrityError(f"{path} says the backbone gives {info['num_features']} features but the head in "
                              f"{weights} takes {shapes[key][-1]}; {RETRAIN}")  # fmt: skip
+
+
+def check_classifier_files(
+    info: dict[str, Any], head_shapes: dict[str, tuple[int, ...]], folder: Path
+) -> Preprocessing:
+    """What every load of a classifier checks before building anything: ``model.json`` holds what a classifier
+    needs, its class list and widths fit the head's tensors (``head.*`` shapes), and its preprocessing is usable.
+
+    Returns:
+        The stored preprocessing.
+
+    Raises:
+        IntegrityError: naming the file and what disagrees.
+    """
+    require(info, REQUIRED, folder)
+    check_classifier(info, head_shapes, folder)
+    return checked_preprocessing(info["preprocessing"], folder / INFO_FILE)
 
 
 def head_type(info: dict[str, Any]) -> str:

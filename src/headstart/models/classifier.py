@@ -24,13 +24,11 @@ from headstart.models.checks import (
     INFO_FILE,
     RETRAIN,
     WEIGHTS_FILE,
-    check_classifier,
+    check_classifier_files,
     check_knn_labels,
     check_normalisation,
-    checked_preprocessing,
     read_info,
     read_weights,
-    require,
 )
 from headstart.models.freezing import freeze, keep_frozen_in_eval
 
@@ -38,8 +36,6 @@ if TYPE_CHECKING:
     from headstart.models.prepared import PreparedBackbone
 
 FORMAT_VERSION = 1
-# What model.json must hold for a classifier to be rebuilt from it.
-REQUIRED = ("kind", "classes", "backbone", "num_classes", "num_features", "head", "preprocessing")
 
 
 class KNNHead(nn.Module):
@@ -190,10 +186,8 @@ def load_classifier(folder: Path) -> tuple[Classifier, dict[str, Any]]:
     info = read_info(folder)
     if info.get("kind") != "classifier":
         raise ValueError(f"{folder} holds a {info.get('kind')!r} model, not a classifier")
-    require(info, REQUIRED, folder)
     state = read_weights(folder)
-    check_classifier(info, {k: tuple(v.shape) for k, v in state.items() if k.startswith("head.")}, folder)
-    prep = checked_preprocessing(info["preprocessing"], folder / INFO_FILE)
+    prep = check_classifier_files(info, {k: tuple(v.shape) for k, v in state.items() if k.startswith("head.")}, folder)
     backbone = create_backbone(info["backbone"], pretrained=False)
     check_normalisation(prep, backbone.preprocessing, info["backbone"], folder / INFO_FILE)
     backbone.preprocessing = prep
