@@ -470,20 +470,14 @@ def recipe_line(config: TrainConfig, backbone: Backbone | PreparedBackbone, info
     if info.get("head") == "knn":
         head = f"kNN head, k={info.get('k')}"
     else:
-        # what cross-validation on the training split chose, and what was set beforehand
-        chosen = ["C"] if config.optim.head_c is None else []
-        chosen += ["the feature scaling"] if config.optim.head_scaling == "auto" else []
+        head = f"logistic head, C={info.get('C')}, {info.get('scaling')} feature scaling"
         if "cv_skipped" in info:  # nothing could be cross-validated: say what was fixed instead, and why
-            chosen = []
-            info_note = f" (fixed: {info['cv_skipped']}, so cross-validation could not choose)"
-        else:
-            info_note = ""
-        head = (
-            f"logistic head, C={info.get('C')}, {info.get('scaling')} feature scaling"
-            + (f"; {' and '.join(chosen)} chosen by cross-validation on the training split" if chosen else "")
-            + (f" (CV accuracy {info['cv_accuracy']:.3f})" if "cv_accuracy" in info else "")
-            + info_note
-        )
+            head += f" (fixed: {info['cv_skipped']}, so cross-validation could not choose)"
+        else:  # what cross-validation on the training split chose (the rest was set beforehand)
+            chosen = ["C"] if config.optim.head_c is None else []
+            chosen += ["the feature scaling"] if config.optim.head_scaling == "auto" else []
+            head += f"; {' and '.join(chosen)} chosen by cross-validation on the training split" if chosen else ""
+            head += f" (CV accuracy {info['cv_accuracy']:.3f})" if "cv_accuracy" in info else ""
     return (
         f"{config.strategy}: frozen {backbone.name} features ({backbone.num_features}) at {prep.input_size} px "
         f"({size}), {views}; {head}"
