@@ -126,7 +126,7 @@ def main() -> None:
     parser.add_argument("--data-root", type=Path, default=REPO_ROOT.parent / "shared" / "datasets")
     parser.add_argument("--sets", default=",".join(SETS), help="comma-separated; default every set")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, help="default benchmarks/results/tta_cpu.json (or tta_train_crops_cpu.json)")
+    parser.add_argument("--out", type=Path, help="results JSON (default in benchmarks/results/)")
     parser.add_argument("--train-crops", action="store_true", help="measure crops as training features (--crops)")
     args = parser.parse_args()
     results_dir = REPO_ROOT / "benchmarks" / "results"
