@@ -7,6 +7,13 @@ network already built, so its seconds are the features' real cost; the ratio is 
 
     python benchmarks/tta.py                                      # every set
     python benchmarks/tta.py --sets hymenoptera,beans,eurosat     # a shorter run
+    python benchmarks/tta.py --train-crops                        # crops as the head's training features
+
+``--train-crops`` measures the extract option ``--crops`` instead: per set, the default extract model (centre
+features) and the same recipe trained on features averaged over the five crops, each trained from its own empty
+feature cache (time ratio = crops training / plain training, in the same process), then val evaluated three ways:
+the plain model without TTA, the plain model with ``--tta crops``, and the crops model (which predicts with crops).
+Results go to ``benchmarks/results/tta_train_crops_cpu.json`` unless ``--out`` says otherwise.
 
 Results (per set: accuracy per mode, seconds, ratio; the machine) go to ``--out``, rewritten after each set and
 merged with the sets already there, so an interrupted run keeps what it measured.
@@ -58,6 +65,40 @@ def measure(data: Path, work: Path, seed: int) -> dict[str, Any]:
     return row
 
 
+def measure_train_crops(data: Path, work: Path, seed: int) -> dict[str, Any]:
+    """Train the default extract model and its ``--crops`` twin on ``data``; evaluate val with each."""
+    options = {"strategy": "extract", "seed": seed, "run.report": False, "run.audit": False}
+    dataset = load_dataset(data, 0.2, 0, work / "scan")
+    row: dict[str, Any] = {}
+    for name, crops in (("plain", False), ("crops", True)):
+        os.environ["HEADSTART_CACHE"] = str(work / f"cache-{name}")  # empty: every feature is computed
+        tic = time.perf_counter()
+        result = headstart.train(data, crops=crops, out=str(work / name), **options)
+        row[f"{name}_train_seconds"] = time.perf_counter() - tic
+        row["backbone"] = result.config.model.backbone
+    # The crops cache holds every view of val (training computed them), so these evaluations cost only the heads.
+    os.environ["HEADSTART_CACHE"] = str(work / "cache-crops")
+    plain, crops = headstart.load(work / "plain"), headstart.load(work / "crops")
+    for key, model, tta in (("none", plain, "none"), ("tta_crops", plain, "crops"), ("train_crops", crops, None)):
+        metrics = model.evaluate(dataset, tta=tta)
+        row[key] = {"accuracy": metrics["accuracy"], "balanced_accuracy": metrics["balanced_accuracy"],
+                    "n": metrics["n"]}  # fmt: skip
+    row["train_time_ratio"] = row["crops_train_seconds"] / row["plain_train_seconds"]
+    return row
+
+
+def crops_table(results: dict[str, Any]) -> str:
+    """Markdown table of ``--train-crops`` results."""
+    lines = [
+        "| set | val images | none | tta crops | train crops | train time |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, row in results.items():
+        acc = [f"{row[k]['accuracy']:.3f}" for k in ("none", "tta_crops", "train_crops")]
+        lines.append(f"| {name} | {row['none']['n']} | {' | '.join(acc)} | {row['train_time_ratio']:.1f}x |")
+    return "\n".join(lines)
+
+
 def machine() -> dict[str, Any]:
     """What the figures were measured on."""
     return {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
@@ -85,17 +126,21 @@ def main() -> None:
     parser.add_argument("--data-root", type=Path, default=REPO_ROOT.parent / "shared" / "datasets")
     parser.add_argument("--sets", default=",".join(SETS), help="comma-separated; default every set")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results" / "tta_cpu.json")
+    parser.add_argument("--out", type=Path, help="results JSON (default in benchmarks/results/)")
+    parser.add_argument("--train-crops", action="store_true", help="measure crops as training features (--crops)")
     args = parser.parse_args()
+    results_dir = REPO_ROOT / "benchmarks" / "results"
+    args.out = args.out or results_dir / ("tta_train_crops_cpu.json" if args.train_crops else "tta_cpu.json")
+    run, show = (measure_train_crops, crops_table) if args.train_crops else (measure, table)
     saved = json.loads(args.out.read_text()) if args.out.is_file() else {}
     results: dict[str, Any] = saved.get("sets", {})
     for name in args.sets.split(","):
         with tempfile.TemporaryDirectory(prefix=f"tta-{name}-") as work:
-            results[name] = measure(set_path(args.data_root, name), Path(work), args.seed)
+            results[name] = run(set_path(args.data_root, name), Path(work), args.seed)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"machine": machine(), "sets": results}, indent=2) + "\n")
-        print(table({name: results[name]}).splitlines()[-1], flush=True)
-    print(table(results))
+        print(show({name: results[name]}).splitlines()[-1], flush=True)
+    print(show(results))
 
 
 if __name__ == "__main__":

@@ -110,3 +110,41 @@ def test_service_tta_matches_predict(extract_run: tuple[Path, Path, Path]) -> No
                 assert got == pytest.approx(want, abs=1e-5)
         bad = client.post("/predict", params={"tta": "rotate"}, files=uploads)
         assert bad.status_code == 422
+
+
+def test_crops_as_training_features(tmp_path: Path, tiny_weights: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--crops: the head trains on crop-averaged features, the model predicts with them by default, and the run's
+    own validation metrics are those predictions' (a linear head on the mean features = the mean of the logits)."""
+    from headstart.serving.serve import create_app, serve_in_thread
+
+    data = make_folder(tmp_path / "data", {"train": 8, "val": 4})
+    monkeypatch.setenv("HEADSTART_CACHE", str(tmp_path / "cache"))
+    common = {"strategy": "extract", "backbone": "tiny_cnn", "weights": str(tiny_weights), "precision": "fp32",
+              "num_workers": 0, "run.report": False, "run.audit": False}  # fmt: skip
+    result = headstart.train(data, crops=True, out=str(tmp_path / "run"), **common)
+    assert "four corner crops" in result.history[0]["recipe"]
+    views = {folder.name.rsplit("-", 2)[-1] for folder in (tmp_path / "cache" / "features").iterdir()}
+    assert {"center", "tl", "tr", "bl", "br"} <= views  # training filled the cache folders predictions read
+    model = headstart.load(tmp_path / "run")
+    assert model.preprocessing.crops and len(tta_views(None, model.preprocessing)[1]) == 5
+    own = model.evaluate(data)
+    assert own["tta"] == "crops" and own["accuracy"] == pytest.approx(result.metrics["accuracy"])
+    files = collect_files([data / "val"])
+    default, _ = model.predict_proba(files)  # through the network, no cache
+    crops, _ = model.predict_proba(files, tta="crops")
+    centre, _ = model.predict_proba(files, tta="none")
+    np.testing.assert_allclose(default, crops, atol=1e-6)
+    assert not np.allclose(default, centre, atol=1e-4)
+    cached, _ = model.predict_proba(model._dataset(data).val, from_cache=True)
+    np.testing.assert_allclose(np.sort(cached, axis=0), np.sort(default, axis=0), atol=1e-4)
+    uploads = [("files", (f.name, f.read_bytes(), "image/jpeg")) for f in files[:2]]
+    with serve_in_thread(create_app(tmp_path / "run")) as url, httpx.Client(base_url=url, timeout=60) as client:
+        served = client.post("/predict", params={"top_k": 2}, files=uploads).json()["results"]
+    for row, want in zip(served, default[:2], strict=True):
+        assert {t["label"]: t["probability"] for t in row["top"]} == pytest.approx(
+            dict(zip(model.classes, want.tolist(), strict=True)), abs=1e-5
+        )
+    plain = headstart.train(data, out=str(tmp_path / "plain"), **common)
+    assert plain.metrics["accuracy"] >= 0 and not headstart.load(tmp_path / "plain").preprocessing.crops
+    with pytest.raises(ValueError, match="--tta crops"):
+        headstart.train(data, crops=True, out=str(tmp_path / "ft"), **{**common, "strategy": "finetune"})

@@ -47,6 +47,9 @@ class ModelConfig:
     drop_rate: float = 0.2  # dropout before the new head; the EfficientNet family was trained with 0.2
     input_size: int | None = None  # crop side in pixels; None: the strategy's default (see strategies.py)
     mirror: bool | None = None  # average each image's features with its mirror image's; None: the strategy's choice
+    # average each image's frozen features over the centre and four corner crops (TTA crops) in training the head and,
+    # by default, at prediction: 5x the feature cost; None: the strategy's choice (off; see strategies.CROPS)
+    crops: bool | None = None
 
 
 @dataclasses.dataclass(frozen=True)

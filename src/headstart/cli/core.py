@@ -42,6 +42,13 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="average each image's frozen features with its mirror image's (twice the cost; default off)",
     )
+    p.add_argument(
+        "--crops",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="train the head on features averaged over the centre and four corner crops, and predict with them by "
+        "default (TTA crops; five times the cost; default off)",
+    )
     p.add_argument("--val-fraction", type=float, help="held-out share when the data has no val/ folder (0.2)")
     p.add_argument("--class-weights", choices=["none", "auto"], help="auto: weight the loss by inverse frequency")
     p.add_argument("--head", choices=["logistic", "knn"], help="extract head (default logistic)")
@@ -108,9 +115,10 @@ def _add_other_parsers(sub: argparse._SubParsersAction) -> None:
 
 def _add_tta(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--tta", default="none", choices=["none", "flip", "crops"],
+        "--tta", default=None, choices=["none", "flip", "crops"],
         help="test-time augmentation: flip averages each image's features with its mirror image's (2x the cost), "
-        "crops the logits of the centre and four corner crops (5x); default none",
+        "crops the logits of the centre and four corner crops (5x); default the model's own (crops for a model "
+        "trained with --crops, else none)",
     )  # fmt: skip
 
 
@@ -135,6 +143,7 @@ def _train(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         input_size=args.input_size,
         mirror=args.mirror,
+        crops=args.crops,
         val_fraction=args.val_fraction,
         class_weights=args.class_weights,
         head=args.head,

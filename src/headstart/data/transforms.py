@@ -32,6 +32,9 @@ class Preprocessing:
     # Features are the mean of the image's and its mirror image's: a second view at test time and in training the
     # head, for twice the forward cost (the auto recipe; measured in benchmarks/suite.py).
     mirror: bool = False
+    # Features averaged over the centre and four corner crops (the views of test-time augmentation ``crops``): in
+    # training the head on frozen features and, by default, at prediction, for five times the forward cost.
+    crops: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""
@@ -47,12 +50,15 @@ class Preprocessing:
             std=tuple(float(v) for v in values["std"]),  # type: ignore[arg-type]
             interpolation=str(values["interpolation"]),
             mirror=bool(values.get("mirror", False)),  # models saved before the field existed had none
+            crops=bool(values.get("crops", False)),
         )
 
     def key(self) -> str:
         """Short stable string identifying this preprocessing, used in cache keys (unchanged for ``mirror=False``,
-        so that caches made before the field existed stay valid)."""
+        so that caches made before the field existed stay valid). ``crops`` says which views are averaged, not how
+        one view is computed: each view has a cache folder of its own, shared by models with and without it."""
         values = self.to_dict()
+        del values["crops"]
         if not self.mirror:
             del values["mirror"]
         return hashlib.sha1(repr(sorted(values.items())).encode()).hexdigest()[:12]
@@ -186,8 +192,12 @@ def corner_crop(corner: str, size: int) -> Callable[[torch.Tensor], torch.Tensor
     return functools.partial(_corner_crop, row, column, size)
 
 
-def tta_views(mode: str, prep: Preprocessing) -> tuple[Preprocessing, list[View]]:
+def tta_views(mode: str | None, prep: Preprocessing) -> tuple[Preprocessing, list[View]]:
     """The preprocessing and the views whose outputs test-time augmentation averages.
+
+    ``mode`` None is the model's own: ``crops`` when its head was trained on crop-averaged features
+    (:attr:`Preprocessing.crops`), else ``none``. An explicit mode overrides it (``none`` on such a model reads the
+    centre crop alone: faster, usually a little less accurate).
 
     ``flip`` is the mirrored feature view of :attr:`Preprocessing.mirror` (features of the image and its mirror
     averaged inside the backbone), so a model trained with ``--mirror`` already has it. ``crops`` adds the four corner
@@ -198,6 +208,8 @@ def tta_views(mode: str, prep: Preprocessing) -> tuple[Preprocessing, list[View]
     Raises:
         ValueError: an unknown mode, naming the valid ones.
     """
+    if mode is None:
+        mode = "crops" if prep.crops else "none"
     if mode == "none":
         return prep, [("center", None)]
     if mode == "flip":

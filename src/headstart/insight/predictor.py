@@ -121,7 +121,7 @@ class Model:
         return model_view(self)
 
     def _run(
-        self, items: list[ImageRecord] | list[Path], batch_size: int, from_cache: bool = False, tta: str = "none"
+        self, items: list[ImageRecord] | list[Path], batch_size: int, from_cache: bool = False, tta: str | None = None
     ) -> Outputs:
         """Logits of every item, averaged over the views of ``tta`` (:func:`~headstart.data.transforms.tta_views`)."""
         prep, views = tta_views(tta, self.preprocessing)
@@ -170,20 +170,25 @@ class Model:
         return view
 
     def predict_proba(
-        self, items: list[ImageRecord] | list[Path], batch_size: int = 32, from_cache: bool = False, tta: str = "none"
+        self,
+        items: list[ImageRecord] | list[Path],
+        batch_size: int = 32,
+        from_cache: bool = False,
+        tta: str | None = None,
     ) -> tuple[np.ndarray, Outputs]:
         """Class probabilities [N_ok, C] for the images that decoded, and the raw outputs (with ``ok``, ``failed``).
 
         ``from_cache``: a frozen-backbone model reads (and fills) the feature cache and runs only its head; for
         labelled sets that training already saw, not for a stream of new images, which would fill the cache.
         ``tta``: test-time augmentation, ``none``, ``flip`` or ``crops``; the logits of its views are averaged.
+        None: the model's own (``crops`` for a model trained on crop-averaged features, else ``none``).
         """
         out = self._run(items, batch_size, from_cache, tta)
         logits = torch.from_numpy(out.values[out.ok])
         return torch.softmax(logits, dim=1).numpy(), out
 
     def predict(
-        self, inputs: list[str | Path] | str | Path, top_k: int = 1, batch_size: int = 32, tta: str = "none"
+        self, inputs: list[str | Path] | str | Path, top_k: int = 1, batch_size: int = 32, tta: str | None = None
     ) -> tuple[list[Prediction], list[tuple[Path, str]]]:
         """Predict images and folders of images; returns predictions and the files that could not be read.
 
@@ -199,7 +204,7 @@ class Model:
         return rows, out.failed
 
     def evaluate(
-        self, data: str | Path | Dataset, split: str = "val", batch_size: int = 32, tta: str = "none"
+        self, data: str | Path | Dataset, split: str = "val", batch_size: int = 32, tta: str | None = None
     ) -> dict[str, Any]:
         """Metrics on a labelled split; class names are matched to the model's by name. ``tta``: test-time
         augmentation (``none``, ``flip``, ``crops``; see :meth:`predict_proba`), recorded in the metrics when used."""
@@ -212,8 +217,9 @@ class Model:
         labels = np.array([mapping[records[i].label] for i in np.flatnonzero(out.ok)])
         metrics = classification_metrics(labels, probs, self.classes)
         metrics["skipped"] = [str(p) for p, _ in out.failed]
-        if tta != "none":  # recorded only when used: a run's own metrics stay as they were
-            metrics["tta"] = tta
+        mode = tta if tta is not None else ("crops" if self.preprocessing.crops else "none")
+        if mode != "none":  # recorded only when used: a run's own metrics stay as they were
+            metrics["tta"] = mode
         return metrics
 
     def _dataset(self, data: str | Path) -> Dataset:

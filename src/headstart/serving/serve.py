@@ -171,8 +171,9 @@ class Service:
                 raise HTTPException(400, str(error).replace("<bytes>", upload.name, 1)) from error
         return [torch.stack(batch) for batch in tensors]
 
-    def predict(self, uploads: list[_Upload], top_k: int, tta: str = "none") -> list[dict[str, Any]]:
-        """Top-k classes of each upload; with ``tta`` the logits of its views averaged (as ``Model.predict``)."""
+    def predict(self, uploads: list[_Upload], top_k: int, tta: str | None = None) -> list[dict[str, Any]]:
+        """Top-k classes of each upload; with ``tta`` the logits of its views averaged (as ``Model.predict``; None:
+        the model's own views)."""
         prep, views = tta_views(tta, self.model.preprocessing)
         try:
             network = self.model.network(prep)
@@ -281,9 +282,12 @@ def create_app(
     async def predict(
         files: list[UploadFile] = File(..., description="one or several images"),  # noqa: B008 - FastAPI's idiom
         top_k: int = Query(5, ge=1, le=MAX_K, description="classes to return per image"),
-        tta: str = Query("none", pattern="^(" + "|".join(TTA_MODES) + ")$", description="test-time augmentation"),
+        tta: str | None = Query(
+            None, pattern="^(" + "|".join(TTA_MODES) + ")$", description="test-time augmentation (default: the model's)"
+        ),
     ) -> dict[str, Any]:
-        """Top-k classes with probabilities for each uploaded image (``tta``: none, flip or crops)."""
+        """Top-k classes with probabilities for each uploaded image (``tta``: none, flip or crops; default the
+        model's own)."""
         uploads = await _read(files)
         return {"results": await _in_thread(service.predict, uploads, top_k, tta)}
 

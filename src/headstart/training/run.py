@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from headstart import config as cfg
 from headstart import progress
 from headstart.config import TrainConfig
-from headstart.data.scan import Dataset, load_dataset
+from headstart.data.scan import Dataset, ImageRecord, load_dataset
 from headstart.data.transforms import (
     FileDataset,
     MemoryDataset,
@@ -30,6 +30,7 @@ from headstart.data.transforms import (
     decode_all,
     estimated_bytes,
     train_augment,
+    tta_views,
 )
 from headstart.features.embeddings import Embeddings, embed
 from headstart.files import atomic_write_bytes, default_cache_root, new_run_dir
@@ -66,6 +67,7 @@ ALIASES = {
     "weights": "model.weights",
     "input_size": "model.input_size",
     "mirror": "model.mirror",
+    "crops": "model.crops",
     "epochs": "optim.epochs",
     "lr": "optim.lr",
     "head": "optim.head",
@@ -290,7 +292,11 @@ def _backbone(config: TrainConfig, cache_root: Path) -> Backbone | PreparedBackb
             config.model.backbone, pretrained=config.strategy != "scratch", weights=config.model.weights
         )
     backbone.preprocessing = resolve_preprocessing(
-        config.strategy, backbone.preprocessing, config.model.input_size, bool(config.model.mirror)
+        config.strategy,
+        backbone.preprocessing,
+        config.model.input_size,
+        bool(config.model.mirror),
+        bool(config.model.crops),
     )
     return backbone
 
@@ -433,7 +439,7 @@ def _head_features(
         "workers": config.data.num_workers,
         "channels_last": config.run.channels_last,
     }
-    both = embed(backbone, dataset.train + dataset.val, description="features", **common)
+    both = _view_features(backbone, dataset.train + dataset.val, common)
     n_train = len(dataset.train)
     in_train = both.index < n_train
     tr = Embeddings(both.features[in_train], both.index[in_train])
@@ -457,6 +463,26 @@ def _head_features(
     return (features, labels, groups), (va.features, val_labels), both.hits
 
 
+def _view_features(
+    backbone: Backbone | PreparedBackbone, records: list[ImageRecord], common: dict[str, Any]
+) -> Embeddings:
+    """Features of ``records``: the centre view, or with ``preprocessing.crops`` the mean over the views of TTA
+    ``crops``, each from its own cache folder (the ones predicting with ``--tta crops`` reads). A linear head on the
+    mean of the views' features gives the mean of their logits, which is what prediction averages."""
+    _, views = tta_views(None, backbone.preprocessing)
+    if len(views) == 1:
+        return embed(backbone, records, description="features", **common)
+    parts = [
+        embed(backbone, records, view=name, augment=augment, description=f"features ({name})", **common)
+        for name, augment in views
+    ]
+    ok = np.logical_and.reduce([np.isin(np.arange(len(records)), p.index) for p in parts])
+    index = np.flatnonzero(ok)
+    mean = np.stack([p.features[np.isin(p.index, index)] for p in parts]).mean(axis=0, dtype=np.float64)
+    failed = sorted({f for p in parts for f in p.failed})
+    return Embeddings(mean.astype(np.float32), index, failed, hits=min(p.hits for p in parts))
+
+
 def recipe_line(config: TrainConfig, backbone: Backbone | PreparedBackbone, info: dict[str, Any]) -> str:
     """One readable line: what the frozen-feature recipe decided, and why."""
     prep = backbone.preprocessing
@@ -467,6 +493,8 @@ def recipe_line(config: TrainConfig, backbone: Backbone | PreparedBackbone, info
     else:
         size = "the weights' own size"
     views = "each image's features averaged with its mirror image's" if prep.mirror else "one centre view"
+    if prep.crops:
+        views = "features averaged over the centre and four corner crops" + (", each with its mirror" * prep.mirror)
     if info.get("head") == "knn":
         head = f"kNN head, k={info.get('k')}"
     else:

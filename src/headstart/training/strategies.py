@@ -67,16 +67,25 @@ BACKBONES = {"auto": BUNDLED_ENSEMBLE, "extract": EXTRACT_BACKBONE, "finetune": 
 # moved accuracy by +0.8, -0.8, 0.0, +0.5 and -0.3 points (beans, brain_tumor_mri, dtd10, eurosat, food101_10): no
 # strategy spends them by default.
 MIRROR = {"auto": False, "extract": False, "finetune": False, "scratch": False}
+# Crop-averaged features (--crops) cost five forward passes per image, in training and in every prediction; measured
+# by benchmarks/tta.py (the "train crops" column) they are an option, not a default: see the README's TTA table.
+CROPS = {"auto": False, "extract": False, "finetune": False, "scratch": False}
 
 
 def resolve_model(strategy: str, model: ModelConfig) -> ModelConfig:
-    """Fill the backbone and mirror choices the user left open with the strategy's."""
+    """Fill the backbone, mirror and crops choices the user left open with the strategy's."""
     if strategy not in FROZEN and model.mirror:
         raise ValueError(f"mirrored feature views apply to frozen features (auto, extract), not to {strategy}")
+    if strategy not in FROZEN and model.crops:
+        raise ValueError(
+            f"crop-averaged features apply to frozen features (auto, extract), not to {strategy}; to average crops at "
+            "prediction, use --tta crops with predict or evaluate"
+        )
     return dataclasses.replace(
         model,
         backbone=model.backbone or BACKBONES[strategy],
         mirror=MIRROR[strategy] if model.mirror is None else model.mirror,
+        crops=CROPS[strategy] if model.crops is None else model.crops,
     )
 
 
@@ -100,10 +109,13 @@ def resolve_optim(strategy: str, optim: OptimConfig) -> OptimConfig:
     return OptimConfig(**merged)
 
 
-def resolve_preprocessing(strategy: str, prep: Preprocessing, input_size: int | None, mirror: bool) -> Preprocessing:
+def resolve_preprocessing(
+    strategy: str, prep: Preprocessing, input_size: int | None, mirror: bool, crops: bool = False
+) -> Preprocessing:
     """The preprocessing a strategy trains and predicts with: the weights' own, at the chosen input size, with the
-    mirrored view averaged in when asked (frozen strategies only; see :func:`resolve_model`)."""
-    prep = dataclasses.replace(prep, mirror=mirror and strategy in FROZEN)
+    mirrored view and the corner crops averaged in when asked (frozen strategies only; see :func:`resolve_model`)."""
+    frozen = strategy in FROZEN
+    prep = dataclasses.replace(prep, mirror=mirror and frozen, crops=crops and frozen)
     if input_size is None or input_size == prep.input_size:
         return prep
     crop_pct = prep.input_size / prep.resize_size
