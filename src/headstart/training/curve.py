@@ -341,7 +341,9 @@ def _page(result: CurveResult, data: str, figure: str) -> str:
     from headstart.insight.pages import Section, Table, render_sections
 
     rows = [[f"{result.n_train} (now)", f"{result.accuracy_now:.3f}", "measured"]]
-    rows += [[f"{p.n} ({p.multiplier:g}x)", f"{p.accuracy:.3f}", f"{p.low:.3f}-{p.high:.3f}"] for p in result.projections]
+    rows += [
+        [f"{p.n} ({p.multiplier:g}x)", f"{p.accuracy:.3f}", f"{p.low:.3f}-{p.high:.3f}"] for p in result.projections
+    ]
     projections = Table(["training images", "accuracy", f"{round(result.level * 100)}% interval"], rows)
     classes = Table(
         ["class", "training images", "recall now", "projected at 2x", "gain"],
