@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -43,11 +42,10 @@ from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from curve_backtest import SETS, machine, set_features, set_path  # noqa: E402
-
-from headstart.insight.suggest import rank_pool  # noqa: E402
-from headstart.models.heads import fit_logistic, predict_proba  # noqa: E402
+# The script's own folder is first on sys.path when it runs: the backtest's loaders are shared.
+from curve_backtest import SETS, machine, set_features, set_path
+from headstart.insight.suggest import rank_pool
+from headstart.models.heads import fit_logistic, predict_proba
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 START = 5  # labelled images per class at the start
@@ -167,8 +165,11 @@ def figure(results: dict[str, Any], path: Path) -> None:
 
 def table(results: dict[str, Any]) -> str:
     """Markdown table: accuracy at the start and at the end, labels to match random."""
-    lines = ["| set | labels (start -> end) | random start -> end | suggest end | suggest: share of random's labels "
-             "to match it | margin | k-center | self-training gain (points) |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| set | labels (start -> end) | random start -> end | suggest end | suggest: share of random's labels "
+        "to match it | margin | k-center | self-training gain (points) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for name, s in results["sets"].items():
         m, sh = s["mean"], s["share_to_match_random"]
 

@@ -98,8 +98,8 @@ def summary(sets: dict[str, Any]) -> dict[str, float]:
 
 def table(results: dict[str, Any]) -> str:
     """Markdown table of the backtest."""
-    lines = ["| set | train (half -> full) | acc. at half | projected at full (80% interval) | truth | error | inside |",
-             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = ["| set | train (half -> full) | acc. at half | projected at full (80% interval) | truth | error | inside "
+             "|", "|---|---|---|---|---|---|---|"]  # fmt: skip
     for name, r in results["sets"].items():
         lines.append(f"| {name} | {r['n_half']} -> {r['n_train']} | {r['accuracy_at_half']:.3f} | {r['projected']:.3f} "
                      f"({r['low']:.3f}-{r['high']:.3f}) | {r['truth']:.3f} | {r['error_points']:+.1f} | "
