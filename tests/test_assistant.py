@@ -200,3 +200,25 @@ def test_suggest_bad_input(tiny_run: tuple[Path, Path], tmp_path: Path, monkeypa
     result = headstart.suggest(run, data / "val", budget=3, labelled=labelled, out=tmp_path / "y")
     assert all(why.startswith("near copy of labelled") for _, why in result.excluded) and len(result.excluded) < 8
     assert len(result.suggestions) == min(3, 8 - len(result.excluded))
+
+
+@pytest.mark.slow
+def test_curve_and_suggest_on_ants_and_bees(hymenoptera: Path, tmp_path: Path) -> None:
+    """The real weights and the real set: the curve is measured and projected; suggest ranks val as a pool."""
+    common = {"strategy": "extract", "backbone": "efficientnet_lite0", "cache_dir": str(tmp_path / "cache")}
+    curve = headstart.learning_curve(hymenoptera, out=tmp_path / "curve", seeds=2, **common)
+    assert curve.n_train == 244 and curve.n_val == 153 and curve.sizes[0] >= 20
+    assert 0.85 <= curve.accuracy_now <= 1.0
+    two = curve.projections[0]
+    assert two.low <= two.accuracy <= two.high and abs(two.accuracy - curve.accuracy_now) < 0.05
+    assert (tmp_path / "curve" / "curve.png").stat().st_size > 10_000
+    run = headstart.train(hymenoptera, out=str(tmp_path / "run"), **common, **{"run.report": False}).run_dir
+    data = load_dataset(hymenoptera)
+    labelled = Dataset(data.root, data.classes, data.train, [])  # val plays the unlabelled pool
+    result = headstart.suggest(run, hymenoptera / "val", budget=20, labelled=labelled, out=tmp_path / "s")
+    assert len(result.suggestions) == 20 and {s.predicted for s in result.suggestions} <= {"ants", "bees"}
+    model = headstart.load(run)
+    probs, _ = model.predict_proba(data.val, from_cache=True)
+    picked = np.mean([s.uncertainty for s in result.suggestions])
+    assert picked > float(uncertainty(probs).mean())  # the picks are ones the model is less sure of
+    assert (tmp_path / "s" / "contact_sheet.png").stat().st_size > 10_000
