@@ -75,6 +75,7 @@ def backtest(path: Path, seeds: int) -> dict[str, Any]:
         "sizes": result.sizes, "accuracy_at_half": result.accuracy_now, "projected": p.accuracy, "low": p.low,
         "high": p.high, "truth": truth, "error_points": 100 * (p.accuracy - truth),
         "inside": bool(p.low <= truth <= p.high), "fit": vars(result.fit), "points": result.accuracy,
+        "projected_by_the_fit_alone": float(1.0 - result.fit.error(len(y))),
         "seconds": round(time.perf_counter() - tic, 1),
     }  # fmt: skip
 
