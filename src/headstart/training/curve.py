@@ -300,14 +300,15 @@ def answer_line(result: CurveResult) -> str:
     now = result.accuracy_now
     two = result.projections[0]
     pct = round(result.level * 100)
-    line = (
+    line = "labelling more would hardly pay: " if two.accuracy - now < 0.01 else ""
+    line += (
         f"about {two.n - result.n_train} more labelled images ({two.multiplier:g}x) would take accuracy from "
-        f"{now:.2f} to {two.accuracy:.2f} ({two.low:.2f}-{two.high:.2f}, {pct}% interval)"
+        f"{now:.3f} to {two.accuracy:.3f} ({two.low:.3f}-{two.high:.3f}, {pct}% interval)"
     )
     last = result.projections[-1]
     if last is not two:
         more = last.n - result.n_train
-        line += f"; {more} more ({last.multiplier:g}x): {last.accuracy:.2f} ({last.low:.2f}-{last.high:.2f})"
+        line += f"; {more} more ({last.multiplier:g}x): {last.accuracy:.3f} ({last.low:.3f}-{last.high:.3f})"
     return line
 
 
