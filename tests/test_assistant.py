@@ -132,6 +132,18 @@ def tiny_run(folder_factory, tiny_weights: Path, cache_dir: Path, tmp_path: Path
     return run, data
 
 
+def test_curve_joins_the_run_report(tiny_run: tuple[Path, Path], tiny_weights: Path, tmp_path: Path) -> None:
+    run, data = tiny_run
+    result = headstart.learning_curve(data, run=run, seeds=2, strategy="extract", weights=str(tiny_weights),
+                                      cache_dir=str(tmp_path / "cache"), **FAST, **{"optim.head_c": 0.1})  # fmt: skip
+    assert result.out == run / "curve" and (run / "curve" / "curve.png").is_file()
+    page = (run / "report.html").read_text()
+    assert "Would more labels pay?" in page and result.answer in page
+    assert (run / "figures" / "label_curve.png").is_file()
+    with pytest.raises(DataError, match="not a run folder"):
+        headstart.learning_curve(data, run=tmp_path, **FAST)
+
+
 def test_suggest_writes_csv_sheet_and_links_and_leaves_out_copies(
     tiny_run: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -16,6 +16,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--weights", help="weights file for the backbone")
     p.add_argument("--out", help="folder for curve.json, curve.png and report.html (default runs/curve-<time>)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    p.add_argument("--run", help="a run folder: write the curve into RUN/curve/ and add it to RUN/report.html")
     p.add_argument("--cache-dir", help="feature cache folder")
 
     p = sub.add_parser("suggest", help="rank unlabelled images for labelling (uncertainty and diversity)")
@@ -36,7 +37,8 @@ def _curve(args: argparse.Namespace) -> int:
 
     overrides = {k: v for k, v in (("strategy", args.strategy), ("backbone", args.backbone),
                                    ("weights", args.weights), ("cache_dir", args.cache_dir)) if v}  # fmt: skip
-    result = learning_curve(args.data, out=args.out, seeds=args.seeds, overwrite=args.overwrite, **overrides)
+    result = learning_curve(args.data, out=args.out, seeds=args.seeds, overwrite=args.overwrite, run=args.run,
+                            **overrides)  # fmt: skip
     print(result.answer)
     gains = ", ".join(f"{g.name} {g.gain:+.3f}" for g in result.per_class[:3])
     print(f"classes that gain most at 2x (recall): {gains}")

@@ -371,8 +371,8 @@ def _page(result: CurveResult, data: str, figure: str) -> str:
 
 def learning_curve(
     data: str | Path | Dataset, *, out: str | Path | None = None, seeds: int = 3,
-    fractions: Sequence[float] = FRACTIONS, overwrite: bool = False, config: TrainConfig | None = None,
-    **overrides: Any,
+    fractions: Sequence[float] = FRACTIONS, overwrite: bool = False, run: str | Path | None = None,
+    config: TrainConfig | None = None, **overrides: Any,
 ) -> CurveResult:  # fmt: skip
     """Would labelling more pay? Fit the learning curve of the head ``train`` would fit on ``data`` and project it.
 
@@ -382,6 +382,8 @@ def learning_curve(
         seeds: draws of the nested fractions.
         fractions: of the training split.
         overwrite: replace an existing ``out`` folder.
+        run: a run folder whose report gets the curve: the files go to ``RUN/curve/`` (replacing an earlier curve)
+            and ``RUN/report.html`` is rebuilt with it.
         config, overrides: as for :func:`headstart.train` (e.g. ``backbone=``, ``cache_dir=``); frozen-feature
             strategies only (``auto``, the default, or ``extract``).
 
@@ -389,6 +391,12 @@ def learning_curve(
         The curve, its projections and per-class gains; ``answer`` is the one-line summary.
     """
     tic = time.perf_counter()
+    if run is not None:
+        if not (Path(run) / "model.json").is_file():
+            raise DataError(
+                f"{run} is not a run folder (no model.json); --run takes the folder `headstart train` wrote"
+            )
+        out, overwrite = Path(run) / "curve", True
     path = data.root if isinstance(data, Dataset) else data
     config = resolve_config(build_config(path, config, **overrides))
     dataset = data if isinstance(data, Dataset) else load_dataset(
@@ -414,4 +422,18 @@ def learning_curve(
     result.seconds = round(time.perf_counter() - tic, 2)
     result.files = [folder / "curve.json", figure, page]
     atomic_write_bytes(folder / "curve.json", json.dumps(result.to_dict(), indent=2).encode(), sync=False)
+    if run is not None:
+        _add_to_report(Path(run))
     return result
+
+
+def _add_to_report(run: Path) -> None:
+    """Rebuild the run's report with the curve; the curve is written already, so a failing report must not fail it."""
+    from headstart.insight.report import build_report
+
+    try:
+        build_report(run)
+    except Exception as error:  # reporting is best effort, as after training
+        progress.log(
+            f"[yellow]report not rebuilt ({type(error).__name__}: {error}); retry with `headstart report {run}`"
+        )
