@@ -36,10 +36,16 @@ _EXPORTS = {
     "export": "headstart.serving.export",
     "push": "headstart.serving.hub",
     "pull": "headstart.models.hub",
+    "learning_curve": "headstart.training.curve",
+    "CurveResult": "headstart.training.curve",
+    "suggest": "headstart.insight.suggest",
+    "SuggestResult": "headstart.insight.suggest",
 }
 __all__ = [
+    "CurveResult",
     "ImageIndex",
     "Model",
+    "SuggestResult",
     "TrainConfig",
     "TrainResult",
     "__version__",
@@ -49,6 +55,7 @@ __all__ = [
     "create_backbone",
     "embed",
     "export",
+    "learning_curve",
     "list_backbones",
     "load",
     "load_dataset",
@@ -56,6 +63,7 @@ __all__ = [
     "push",
     "rank",
     "resume",
+    "suggest",
     "train",
     "train_autoencoder",
 ]
@@ -69,12 +77,14 @@ if TYPE_CHECKING:
     from headstart.insight.predictor import Model, load
     from headstart.insight.rank import rank
     from headstart.insight.report import build_report
+    from headstart.insight.suggest import SuggestResult, suggest
     from headstart.models.backbones import create_backbone, list_backbones
     from headstart.models.hub import pull
     from headstart.serving.export import export
     from headstart.serving.hub import push
     from headstart.training.autoencoder import train_autoencoder
     from headstart.training.compare import compare
+    from headstart.training.curve import CurveResult, learning_curve
     from headstart.training.run import TrainResult, resume, train
 
 

@@ -10,11 +10,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from headstart.cli import audit, core, hub, report, retrieval, serve
+from headstart.cli import assistant, audit, core, hub, report, retrieval, serve
 from headstart.hardware import launch_rank
 
 # Command groups in help order; each adds its sub-parsers and names its handlers, and imports nothing from here.
-GROUPS = (core, report, retrieval, audit, serve, hub)
+GROUPS = (core, report, retrieval, audit, assistant, serve, hub)
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     name: handler for group in GROUPS for name, handler in group.HANDLERS.items()
 }

@@ -421,6 +421,7 @@ def build_report(run_dir: str | Path, data: str | Path | Dataset | None = None) 
     sections = [
         _summary_section(info, dataset, vp, metrics),
         *_figure_sections(run_dir, model, vp, metrics),
+        *_label_curve_section(run_dir),
         _skipped_section(run_dir),
     ]
     title = f"headstart run: {info.get('strategy', '?')} on {info.get('backbone', '?')}"
@@ -479,6 +480,23 @@ def _figure_sections(run_dir: Path, model: Any, vp: ValPass, metrics: dict[str, 
             sections.append(step())
             bars.advance(task)
     return sections
+
+
+# Folder of ``headstart curve DATA --run RUN`` inside a run folder: its figure and answer join the run's report.
+LABEL_CURVE = "curve"
+
+
+def _label_curve_section(run_dir: Path) -> list[Section]:
+    """The learning curve over training-set size (would more labels pay?), when ``headstart curve --run`` wrote one."""
+    folder = run_dir / LABEL_CURVE
+    try:
+        answer = str(json.loads((folder / "curve.json").read_text())["answer"])
+        image = (folder / "curve.png").read_bytes()
+    except (OSError, ValueError, KeyError):
+        return []
+    (run_dir / FIGURES / "label_curve.png").write_bytes(image)
+    alt = "validation accuracy against labelled training images, fit and projection"
+    return [Section("Would more labels pay? (headstart curve)", image="label_curve.png", alt=alt, text=answer)]
 
 
 def _curves_section(run_dir: Path) -> Section:

@@ -483,6 +483,19 @@ def _view_features(
     return Embeddings(mean.astype(np.float32), index, failed, hits=min(p.hits for p in parts))
 
 
+def frozen_features(
+    config: TrainConfig, dataset: Dataset
+) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray], int]:
+    """The features a frozen-feature run of the resolved ``config`` fits its head on (:func:`_head_features`), built by
+    the same path as ``train``: the learning curve and the benchmarks describe what ``train`` would give."""
+    if config.strategy not in FROZEN:
+        raise ValueError(f"frozen features come from the {' or '.join(FROZEN)} strategy, not {config.strategy}")
+    device = pick_device()
+    precision = resolve_precision(config.run.precision, device)
+    backbone = _backbone(config, default_cache_root(config.run.cache_dir))
+    return _head_features(backbone, dataset, config, precision, device)
+
+
 def recipe_line(config: TrainConfig, backbone: Backbone | PreparedBackbone, info: dict[str, Any]) -> str:
     """One readable line: what the frozen-feature recipe decided, and why."""
     prep = backbone.preprocessing
