@@ -106,13 +106,10 @@ def learning_curves_figure(history: list[dict[str, Any]]) -> Figure:
 
     A panel without any recorded value (the head phase records no loss) is left out rather than drawn empty.
     """
+    kinds = (("loss", "loss", "train_loss"), ("accuracy", "accuracy", "train_accuracy"), ("mAP", "mAP", "train_mAP"))
     panels = [
         (name, [(k, label, style) for k, label, style in ((train_key, "train", "o--"), (val_key, "val", "o-"))])
-        for name, val_key, train_key in (
-            ("loss", "loss", "train_loss"),
-            ("accuracy", "accuracy", "train_accuracy"),
-            ("mAP", "mAP", "train_mAP"),
-        )  # fmt: skip
+        for name, val_key, train_key in kinds
         if any(row.get(val_key) is not None or row.get(train_key) is not None for row in history)
     ]
     last = max((int(row.get("epoch", 0)) for row in history), default=0)
