@@ -514,6 +514,10 @@ def _load_csv(
     if "train" not in entries:
         raise DataError(f"{manifest} has no training rows")
     classes = sorted({name for _, names, _ in entries["train"] for name in names})
+    piped = [name for name in classes if "|" in name]
+    if piped and not multi_label:
+        progress.log(f"[yellow]{manifest}: label(s) such as {piped[0]!r} are read as one class each; for label sets, "
+                     "name the column 'labels' or pass --multi-label")  # fmt: skip
     for split, items in entries.items():
         for _, names, number in items:
             extra = sorted(set(names) - set(classes))
