@@ -244,12 +244,12 @@ class Model:
         records = {"train": dataset.train, "val": dataset.val, "test": dataset.test}[split]
         if not records:
             raise DataError(f"{dataset.root} has no {split} images")
-        mapping = class_mapping(dataset, self.classes)
         if dataset.multi_label and not self.multi_label:
             raise DataError(
                 f"{dataset.root} gives images several labels, but {self.run_dir} is a single-label model; evaluate a "
                 "model trained on multi-label data (headstart train ... --multi-label)"
             )
+        mapping = class_mapping(dataset, self.classes)
         probs, out = self.predict_proba(records, batch_size, from_cache=True, tta=tta)
         if self.multi_label:  # the data's label columns, moved to the model's
             targets = np.zeros((int(out.ok.sum()), len(self.classes)), dtype=np.float32)
