@@ -415,3 +415,9 @@ def test_real_composites_of_ants_and_bees(hymenoptera: Path, tmp_path: Path) -> 
     assert min(row["f1"] for row in metrics["per_class"].values()) >= 0.75
     rows, _ = headstart.load(tmp_path / "run").predict(sorted((tmp_path / "data").glob("val_ants_bees_*.jpg")))
     assert sum(r.labels == ["ants", "bees"] for r in rows) >= 16  # of 24 pictures with both insects
+
+
+def test_compare_refuses_multilabel_data_before_training(manifest: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="compare the macro mAP"):
+        headstart.compare(manifest, out=tmp_path / "cmp")
+    assert not (tmp_path / "cmp").exists()

@@ -533,6 +533,16 @@ def _load_csv(
     return _finish(manifest, classes, tagged, "csv", val_fraction, split_seed, cache_root, multi_label)
 
 
+def is_multilabel_manifest(path: str | Path) -> bool:
+    """Whether ``path`` is a CSV manifest whose header names a ``labels`` column (read without scanning the images)."""
+    path = Path(path)
+    if path.suffix.lower() != ".csv" or not path.is_file():
+        return False
+    with path.open(newline="") as handle:
+        header = next(csv.reader(handle), [])
+    return "labels" in [h.strip().lower() for h in header]
+
+
 def _label_names(cell: str, multi_label: bool, manifest: Path, number: int) -> tuple[str, ...]:
     """The label(s) of one manifest cell: the stripped cell, or its ``|``-separated names for multi-label data."""
     if not multi_label:
