@@ -568,8 +568,8 @@ def _finish(
     multi_label: bool = False,
 ) -> Dataset:
     if len(classes) < 2:
-        what = "label" if multi_label else "class"
-        raise DataError(f"{root}: found {len(classes)} {what}(s) {classes}; a classifier needs at least two")
+        what = "label(s)" if multi_label else "class(es)"
+        raise DataError(f"{root}: found {len(classes)} {what} {classes}; a classifier needs at least two")
     all_paths = [p for items in tagged.values() for p, _ in items]
     records, skipped = scan_files(all_paths, cache=ScanCache(cache_root, root) if cache_root is not None else None)
     by_path = {r.path: r for r in records}
