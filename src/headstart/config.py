@@ -34,6 +34,9 @@ class DataConfig:
     num_workers: int = -1  # decoding processes; -1 picks one per spare core (0 decodes in the main process)
     cache_images: bool = True  # keep decoded, resized images in memory across epochs when they fit the budget
     image_cache_mb: int = 2048  # memory budget of that cache; larger sets fall back to decoding every epoch
+    # Read a CSV manifest's label column as '|'-separated label sets (a "labels" column does so by itself): one
+    # sigmoid per label, thresholds chosen by cross-validation; off by default, since one class per image is the usual
+    multi_label: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

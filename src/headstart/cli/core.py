@@ -49,6 +49,10 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
         help="train the head on features averaged over the centre and four corner crops, and predict with them by "
         "default (TTA crops; five times the cost; default off)",
     )
+    p.add_argument(
+        "--multi-label", action="store_true", default=None,
+        help="read the manifest's label column as '|'-separated label sets (a 'labels' column does so by itself)",
+    )  # fmt: skip
     p.add_argument("--val-fraction", type=float, help="held-out share when the data has no val/ folder (0.2)")
     p.add_argument("--class-weights", choices=["none", "auto"], help="auto: weight the loss by inverse frequency")
     p.add_argument("--head", choices=["logistic", "knn"], help="extract head (default logistic)")
@@ -163,6 +167,7 @@ def _train(args: argparse.Namespace) -> int:
             "run.compile": args.compile,
             "run.log_with": args.log_with,
             "run.tracking_dir": args.tracking_dir,
+            "data.multi_label": args.multi_label,
         },
     )
     return _print_result(result)
@@ -174,9 +179,14 @@ def _print_result(result: Any) -> int:
     from headstart.insight.metrics import format_metrics
 
     print(format_metrics(result.metrics))
+    metrics = result.metrics
+    if metrics.get("multi_label"):
+        score = f"val macro mAP {metrics['mAP']:.4f}, exact match {metrics['exact_match']:.4f}"
+    else:
+        score = f"val accuracy {metrics['accuracy']:.4f}"
     print(
-        f"\nstrategy {result.config.strategy}, backbone {result.config.model.backbone}: val accuracy "
-        f"{result.metrics['accuracy']:.4f} in {result.seconds:.1f} s; model in {result.run_dir}"
+        f"\nstrategy {result.config.strategy}, backbone {result.config.model.backbone}: {score} in "
+        f"{result.seconds:.1f} s; model in {result.run_dir}"
     )
     return 0
 
@@ -203,8 +213,9 @@ def _predict(args: argparse.Namespace) -> int:
         write_predictions(rows, Path(args.output))
         print(f"wrote {len(rows)} predictions to {args.output}")
     else:
-        for r in rows:
-            print(f"{r.path}\t" + "\t".join(f"{name}\t{p:.4f}" for name, p in r.top))
+        for r in rows:  # multi-label: the predicted label set ('|'-separated, empty for none) first
+            labels = "" if r.labels is None else f"{r.label}\t"
+            print(f"{r.path}\t{labels}" + "\t".join(f"{name}\t{p:.4f}" for name, p in r.top))
     for path, reason in failed:
         print(f"skipped {path}: {reason}", file=sys.stderr)
     return 0

@@ -6,6 +6,9 @@ Three layouts are understood:
 * one folder of class sub-folders, split stratified with a seed;
 * a CSV manifest with ``path,label`` columns (paths relative to the CSV) and an optional ``split`` column.
 
+A manifest whose label column is ``labels`` (or any manifest loaded with ``multi_label=True``) is **multi-label**: each
+cell lists one or more labels separated by ``|`` (``ants|bees``), and every record carries its set of labels.
+
 Every file is checked before any training: unreadable, truncated, zero-byte, non-image, placeholder and oversized
 ("decompression bomb") files are skipped and listed, never allowed to crash an epoch.
 """
@@ -61,6 +64,9 @@ class ImageRecord:
     height: int
     mode: str  # Pillow mode before conversion to RGB (L, P, RGBA, CMYK, I;16, ...)
     blank: bool = False  # near-blank, few colours (see is_near_blank); a placeholder when the same file repeats
+    # Multi-label data: the record's label indices, sorted (``label`` is then the first, so that code grouping by
+    # one label still has a valid class); empty for single-label data.
+    labels: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -82,19 +88,29 @@ class Dataset:
     test: list[ImageRecord] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
     layout: str = "folders"  # "splits", "folders" or "csv"
+    multi_label: bool = False  # each image carries a set of labels (ImageRecord.labels), not one class
 
     def fingerprint(self) -> str:
-        """Hash of every file's content, label and split: two runs on equal data share it."""
+        """Hash of every file's content, label (or label set) and split: two runs on equal data share it."""
         digest = hashlib.blake2b(digest_size=12)
         for split, records in (("train", self.train), ("val", self.val), ("test", self.test)):
             for r in sorted(records, key=lambda r: r.digest):
-                digest.update(f"{split}:{self.classes[r.label] if r.label >= 0 else ''}:{r.digest}\n".encode())
+                indices = r.labels if self.multi_label else (r.label,) if r.label >= 0 else ()
+                names = "|".join(self.classes[i] for i in indices)
+                digest.update(f"{split}:{names}:{r.digest}\n".encode())
         return digest.hexdigest()
 
     def counts(self, records: Sequence[ImageRecord]) -> dict[str, int]:
-        """Images per class in ``records``."""
-        counter = Counter(r.label for r in records)
+        """Images per class in ``records`` (multi-label: images carrying each label)."""
+        counter = Counter(i for r in records for i in (r.labels if self.multi_label else (r.label,)))
         return {name: counter.get(i, 0) for i, name in enumerate(self.classes)}
+
+    def targets(self, records: Sequence[ImageRecord]) -> np.ndarray:
+        """Multi-hot label matrix [N, C] (float32) of ``records``; single-label data gives one-hot rows."""
+        out = np.zeros((len(records), len(self.classes)), dtype=np.float32)
+        for row, r in enumerate(records):
+            out[row, list(r.labels if self.multi_label else (r.label,) if r.label >= 0 else ())] = 1.0
+        return out
 
     def write_skipped(self, path: Path) -> None:
         """Write the skipped files, one ``path<TAB>reason`` per line (an empty file when none)."""
@@ -400,11 +416,14 @@ def _class_folders(folder: Path) -> dict[str, list[Path]]:
 def stratified_split(
     items: Sequence[ImageRecord], fraction: float, seed: int
 ) -> tuple[list[ImageRecord], list[ImageRecord]]:
-    """Hold out ``fraction`` of each class (at least one image when a class has two or more), reproducibly."""
+    """Hold out ``fraction`` of each class (at least one image when a class has two or more), reproducibly.
+
+    Multi-label records are stratified by their label set (``ants|bees`` is a group of its own).
+    """
     rng = np.random.default_rng(seed)
-    by_class: dict[int, list[ImageRecord]] = {}
+    by_class: dict[tuple[int, ...], list[ImageRecord]] = {}
     for item in items:
-        by_class.setdefault(item.label, []).append(item)
+        by_class.setdefault(item.labels or (item.label,), []).append(item)
     train: list[ImageRecord] = []
     val: list[ImageRecord] = []
     for label in sorted(by_class):
@@ -422,16 +441,18 @@ def _labelled(files: dict[str, list[Path]], classes: list[str]) -> list[tuple[Pa
 
 
 def load_dataset(
-    path: str | Path, val_fraction: float = 0.2, split_seed: int = 0, cache_root: Path | None = None
-) -> Dataset:
+    path: str | Path, val_fraction: float = 0.2, split_seed: int = 0, cache_root: Path | None = None,
+    multi_label: bool = False,
+) -> Dataset:  # fmt: skip
     """Find, validate and split a dataset in any supported layout.
 
     ``cache_root`` keeps what the scan learns about each file (see :class:`ScanCache`), so that a second load of
-    the same images reads and hashes them but decodes none.
+    the same images reads and hashes them but decodes none. ``multi_label`` reads a CSV manifest's label column as
+    ``|``-separated label sets (a ``labels`` column does so by itself).
 
     Raises:
         DataError: before any work, for missing paths, empty classes, fewer than two classes, or val/test classes
-            that train lacks.
+            that train lacks; for multi-label data also an empty label, or a label on every training image.
     """
     root = Path(path).expanduser().resolve()
     if not root.exists():
@@ -439,7 +460,12 @@ def load_dataset(
     if root.is_file():
         if root.suffix.lower() != ".csv":
             raise DataError(f"{root} is a file; a dataset is a folder or a .csv manifest with path,label columns")
-        return _load_csv(root, val_fraction, split_seed, cache_root)
+        return _load_csv(root, val_fraction, split_seed, cache_root, multi_label)
+    if multi_label:
+        raise DataError(
+            f"{root} is a folder, and a folder gives each image one class; multi-label data is a CSV manifest with "
+            "path,labels columns (labels separated by '|', e.g. ants|bees): write one, or drop --multi-label"
+        )
     if (root / "train").is_dir():
         layout = "splits"
         split_files = {s: _class_folders(root / s) for s in SPLITS if (root / s).is_dir()}
@@ -458,19 +484,22 @@ def load_dataset(
     return _finish(root, classes, tagged, layout, val_fraction, split_seed, cache_root)
 
 
-def _load_csv(manifest: Path, val_fraction: float, split_seed: int, cache_root: Path | None) -> Dataset:
+def _load_csv(
+    manifest: Path, val_fraction: float, split_seed: int, cache_root: Path | None, multi_label: bool = False
+) -> Dataset:
     with manifest.open(newline="") as handle:
         rows = list(csv.reader(handle))
     if not rows:
         raise DataError(f"{manifest} is empty; expected a header 'path,label' and one row per image")
     header = [h.strip().lower() for h in rows[0]]
-    if "path" in header and "label" in header:
+    if "path" in header and ("label" in header or "labels" in header):
         body = rows[1:]
-        col_path, col_label = header.index("path"), header.index("label")
+        multi_label = multi_label or "labels" in header
+        col_path, col_label = header.index("path"), header.index("labels" if "labels" in header else "label")
         col_split = header.index("split") if "split" in header else None
     else:
         body, col_path, col_label, col_split = rows, 0, 1, None
-    entries: dict[str, list[tuple[Path, str]]] = {}
+    entries: dict[str, list[tuple[Path, tuple[str, ...], int]]] = {}
     for number, row in enumerate(body, start=2 if body is not rows else 1):
         if not row or not "".join(row).strip():
             continue
@@ -480,51 +509,99 @@ def _load_csv(manifest: Path, val_fraction: float, split_seed: int, cache_root: 
         if split not in SPLITS:
             raise DataError(f"{manifest}, line {number}: split {split!r} is not one of {', '.join(SPLITS)}")
         file = Path(row[col_path].strip())
-        entries.setdefault(split, []).append(((manifest.parent / file).resolve(), row[col_label].strip()))
+        names = _label_names(row[col_label], multi_label, manifest, number)
+        entries.setdefault(split, []).append(((manifest.parent / file).resolve(), names, number))
     if "train" not in entries:
         raise DataError(f"{manifest} has no training rows")
-    classes = sorted({label for _, label in entries["train"]})
+    classes = sorted({name for _, names, _ in entries["train"] for name in names})
+    piped = [name for name in classes if "|" in name]
+    if piped and not multi_label:
+        progress.log(f"[yellow]{manifest}: label(s) such as {piped[0]!r} are read as one class each; for label sets, "
+                     "name the column 'labels' or pass --multi-label")  # fmt: skip
     for split, items in entries.items():
-        extra = sorted({label for _, label in items} - set(classes))
-        if extra:
-            raise DataError(f"{manifest}: {split} rows use label(s) {extra} that no train row has")
+        for _, names, number in items:
+            extra = sorted(set(names) - set(classes))
+            if extra and multi_label:
+                raise DataError(
+                    f"{manifest}, line {number}: {split} row uses label(s) {extra} that no train row has; a model can "
+                    "only learn labels it has training images of: add train rows with them, or remove them here"
+                )
+            if extra:
+                raise DataError(f"{manifest}: {split} rows use label(s) {extra} that no train row has")
     index = {name: i for i, name in enumerate(classes)}
-    tagged = {s: [(p, index[label]) for p, label in items] for s, items in entries.items()}
-    return _finish(manifest, classes, tagged, "csv", val_fraction, split_seed, cache_root)
+    tagged = {s: [(p, tuple(sorted(index[n] for n in names))) for p, names, _ in items] for s, items in entries.items()}
+    return _finish(manifest, classes, tagged, "csv", val_fraction, split_seed, cache_root, multi_label)
+
+
+def is_multilabel_manifest(path: str | Path) -> bool:
+    """Whether ``path`` is a CSV manifest whose header names a ``labels`` column (read without scanning the images)."""
+    path = Path(path)
+    if path.suffix.lower() != ".csv" or not path.is_file():
+        return False
+    with path.open(newline="") as handle:
+        header = next(csv.reader(handle), [])
+    return "labels" in [h.strip().lower() for h in header]
+
+
+def _label_names(cell: str, multi_label: bool, manifest: Path, number: int) -> tuple[str, ...]:
+    """The label(s) of one manifest cell: the stripped cell, or its ``|``-separated names for multi-label data."""
+    if not multi_label:
+        return (cell.strip(),)
+    names = [name.strip() for name in cell.split("|")]
+    if not cell.strip() or not all(names):
+        what = "no label" if not cell.strip() else f"an empty label in {cell.strip()!r}"
+        raise DataError(
+            f"{manifest}, line {number}: {what}; a multi-label row lists one or more labels separated by '|' "
+            "(e.g. ants|bees): fill it in, or remove the row"
+        )
+    return tuple(dict.fromkeys(names))  # a label named twice counts once
 
 
 def _finish(
     root: Path,
     classes: list[str],
-    tagged: dict[str, list[tuple[Path, int]]],
+    tagged: dict[str, list[tuple[Path, int]]] | dict[str, list[tuple[Path, tuple[int, ...]]]],
     layout: str,
     val_fraction: float,
     split_seed: int,
     cache_root: Path | None = None,
+    multi_label: bool = False,
 ) -> Dataset:
     if len(classes) < 2:
-        raise DataError(f"{root}: found {len(classes)} class(es) {classes}; a classifier needs at least two")
+        what = "label(s)" if multi_label else "class(es)"
+        raise DataError(f"{root}: found {len(classes)} {what} {classes}; a classifier needs at least two")
     all_paths = [p for items in tagged.values() for p, _ in items]
     records, skipped = scan_files(all_paths, cache=ScanCache(cache_root, root) if cache_root is not None else None)
     by_path = {r.path: r for r in records}
     splits: dict[str, list[ImageRecord]] = {}
     for split, items in tagged.items():
-        splits[split] = [_with_label(by_path[p], label) for p, label in items if p in by_path]
-    counts = Counter(r.label for r in splits["train"])
+        splits[split] = [_with_label(by_path[p], label, multi_label) for p, label in items if p in by_path]
+    counts = Counter(i for r in splits["train"] for i in (r.labels if multi_label else (r.label,)))
     empty = [name for i, name in enumerate(classes) if counts.get(i, 0) == 0]
     if empty:
         raise DataError(
             f"{root}: class(es) {empty} have no usable training images"
             f"{' (see the skipped files listed)' if skipped else ''}; add images or remove the class"
         )
+    everywhere = [name for i, name in enumerate(classes) if counts.get(i, 0) == len(splits["train"])]
+    if multi_label and everywhere:
+        raise DataError(
+            f"{root}: label(s) {everywhere} are on every usable training image, so nothing shows the model what their "
+            "absence looks like and no threshold can be chosen for them; add training images without them, or "
+            "drop the label(s)"
+        )
     if "val" not in splits:
         if min(counts.values()) < 2:
             raise DataError(f"{root}: every class needs at least two images to hold one out for validation")
         splits["train"], splits["val"] = stratified_split(splits["train"], val_fraction, split_seed)
-    return Dataset(root, classes, splits["train"], splits["val"], splits.get("test", []), skipped, layout)
+    return Dataset(root, classes, splits["train"], splits["val"], splits.get("test", []), skipped, layout, multi_label)
 
 
-def _with_label(record: ImageRecord, label: int) -> ImageRecord:
+def _with_label(record: ImageRecord, label: int | tuple[int, ...], multi_label: bool = False) -> ImageRecord:
+    if isinstance(label, tuple):
+        if multi_label:
+            return dataclasses.replace(record, label=label[0], labels=label)
+        label = label[0]
     return dataclasses.replace(record, label=label)
 
 

@@ -52,7 +52,8 @@ def _fmt(value: Any) -> str:
 
 
 SCORES = (("n", "images"), ("accuracy", "accuracy"), ("balanced_accuracy", "balanced accuracy"),
-          ("roc_auc", "ROC-AUC"), ("loss", "loss"))  # fmt: skip
+          ("roc_auc", "ROC-AUC"), ("mAP", "macro mAP"), ("exact_match", "exact match"), ("macro_f1", "macro F1"),
+          ("hamming_loss", "Hamming loss"), ("loss", "loss"))  # fmt: skip
 
 
 def metrics_table(metrics: dict[str, Any], label: str = "validation", id: str = "metrics") -> Table:

@@ -22,7 +22,7 @@ from headstart.features.embeddings import embed
 from headstart.features.inference import Outputs, run_model
 from headstart.files import atomic_write_bytes, default_cache_root
 from headstart.hardware import pick_device, resolve_precision
-from headstart.insight.metrics import classification_metrics
+from headstart.insight.metrics import classification_metrics, multilabel_metrics
 from headstart.models.backbones import Backbone, fingerprint_tensors
 from headstart.models.checks import (
     HEAD_TENSORS,
@@ -39,12 +39,19 @@ from headstart.models.prepared import PreparedBackbone
 
 @dataclass
 class Prediction:
-    """One image's prediction."""
+    """One image's prediction.
+
+    A multi-label model's ``label`` is its predicted label set joined by ``|`` (empty when no label reaches its
+    threshold), ``probability`` the highest label probability, ``labels`` the set and ``probabilities`` every
+    label's sigmoid probability.
+    """
 
     path: Path
     label: str
     probability: float
     top: list[tuple[str, float]]
+    labels: list[str] | None = None  # multi-label models: the labels at or above their thresholds
+    probabilities: dict[str, float] | None = None  # multi-label models: every label's probability
 
 
 class Model:
@@ -114,6 +121,26 @@ class Model:
             self._views[prep] = view.eval()
         return self._views[prep]
 
+    @property
+    def multi_label(self) -> bool:
+        """Whether each image gets a set of labels (one sigmoid per label) rather than one class."""
+        return bool(self.info.get("multi_label"))
+
+    @property
+    def thresholds(self) -> np.ndarray:
+        """Per-label decision thresholds [C] of a multi-label model, from model.json (0.5 for a label it lacks)."""
+        stored = self.info.get("thresholds") or {}
+        return np.array([float(stored.get(name, 0.5)) for name in self.classes])
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """Probabilities of logits [N, C]: softmax over classes, or a sigmoid per label for a multi-label model."""
+        return torch.sigmoid(logits) if self.multi_label else torch.softmax(logits, dim=1)
+
+    def decide(self, probs: np.ndarray) -> list[list[str]]:
+        """The labels of each row of multi-label probabilities [N, C] that reach their thresholds, in class order."""
+        above = probs >= self.thresholds[None, :]
+        return [[self.classes[j] for j in np.flatnonzero(row)] for row in above]
+
     def _repr_html_(self) -> str:
         """What the model is, its recorded scores, confusion matrix and learning curves, shown by Jupyter."""
         from headstart.insight.notebook import model_view
@@ -178,6 +205,8 @@ class Model:
     ) -> tuple[np.ndarray, Outputs]:
         """Class probabilities [N_ok, C] for the images that decoded, and the raw outputs (with ``ok``, ``failed``).
 
+        A multi-label model gives each label's sigmoid probability (rows need not sum to one).
+
         ``from_cache``: a frozen-backbone model reads (and fills) the feature cache and runs only its head; for
         labelled sets that training already saw, not for a stream of new images, which would fill the cache.
         ``tta``: test-time augmentation, ``none``, ``flip`` or ``crops``; the logits of its views are averaged.
@@ -185,7 +214,7 @@ class Model:
         """
         out = self._run(items, batch_size, from_cache, tta)
         logits = torch.from_numpy(out.values[out.ok])
-        return torch.softmax(logits, dim=1).numpy(), out
+        return self.probabilities(logits).numpy(), out
 
     def predict(
         self, inputs: list[str | Path] | str | Path, top_k: int = 1, batch_size: int = 32, tta: str | None = None
@@ -200,7 +229,15 @@ class Model:
         probs, out = self.predict_proba(files, batch_size, tta=tta)
         decoded = np.flatnonzero(out.ok)
         tops = top_classes(probs, self.classes, top_k)
-        rows = [Prediction(files[i], top[0][0], top[0][1], top) for i, top in zip(decoded, tops, strict=True)]
+        if not self.multi_label:
+            rows = [Prediction(files[i], top[0][0], top[0][1], top) for i, top in zip(decoded, tops, strict=True)]
+            return rows, out.failed
+        rows = [
+            Prediction(
+                files[i], "|".join(names), top[0][1], top, names, dict(zip(self.classes, map(float, p), strict=True))
+            )
+            for i, top, names, p in zip(decoded, tops, self.decide(probs), probs, strict=True)
+        ]
         return rows, out.failed
 
     def evaluate(
@@ -212,10 +249,20 @@ class Model:
         records = {"train": dataset.train, "val": dataset.val, "test": dataset.test}[split]
         if not records:
             raise DataError(f"{dataset.root} has no {split} images")
+        if dataset.multi_label and not self.multi_label:
+            raise DataError(
+                f"{dataset.root} gives images several labels, but {self.run_dir} is a single-label model; evaluate a "
+                "model trained on multi-label data (headstart train ... --multi-label)"
+            )
         mapping = class_mapping(dataset, self.classes)
         probs, out = self.predict_proba(records, batch_size, from_cache=True, tta=tta)
-        labels = np.array([mapping[records[i].label] for i in np.flatnonzero(out.ok)])
-        metrics = classification_metrics(labels, probs, self.classes)
+        if self.multi_label:  # the data's label columns, moved to the model's
+            targets = np.zeros((int(out.ok.sum()), len(self.classes)), dtype=np.float32)
+            targets[:, [mapping[i] for i in range(len(dataset.classes))]] = dataset.targets(records)[out.ok]
+            metrics = multilabel_metrics(targets, probs, self.classes, self.thresholds)
+        else:
+            labels = np.array([mapping[records[i].label] for i in np.flatnonzero(out.ok)])
+            metrics = classification_metrics(labels, probs, self.classes)
         metrics["skipped"] = [str(p) for p, _ in out.failed]
         mode = tta if tta is not None else ("crops" if self.preprocessing.crops else "none")
         if mode != "none":  # recorded only when used: a run's own metrics stay as they were
@@ -224,8 +271,13 @@ class Model:
 
     def _dataset(self, data: str | Path) -> Dataset:
         config = self.info.get("config", {}).get("data", {})
+        multi_label = self.multi_label and Path(data).suffix.lower() == ".csv"  # a folder still gives one label each
         return load_dataset(
-            data, float(config.get("val_fraction", 0.2)), int(config.get("split_seed", 0)), default_cache_root()
+            data,
+            float(config.get("val_fraction", 0.2)),
+            int(config.get("split_seed", 0)),
+            default_cache_root(),
+            multi_label,
         )
 
     def embed(self, inputs: list[Path], batch_size: int = 32) -> np.ndarray:
@@ -322,7 +374,14 @@ def load(run: str | Path) -> Model:
 
 
 def write_predictions(rows: list[Prediction], path: Path) -> None:
-    """Write predictions as CSV (one row per image) or JSON, by the file's suffix (atomically)."""
+    """Write predictions as CSV (one row per image) or JSON, by the file's suffix (atomically).
+
+    Multi-label predictions: CSV columns ``path,labels`` (``|``-separated) then one probability column per label;
+    JSON records ``path``, ``labels`` and ``probabilities``.
+    """
+    if any(r.probabilities is not None for r in rows):
+        _write_multilabel(rows, path)
+        return
     if path.suffix.lower() == ".json":
         records = [{"path": str(r.path), "label": r.label, "probability": r.probability, "top": r.top} for r in rows]
         atomic_write_bytes(path, json.dumps(records, indent=2).encode())
@@ -339,4 +398,20 @@ def write_predictions(rows: list[Prediction], path: Path) -> None:
         for name, p in r.top[1:]:
             line += [name, f"{p:.6f}"]
         writer.writerow(line)
+    atomic_write_bytes(path, text.getvalue().encode())
+
+
+def _write_multilabel(rows: list[Prediction], path: Path) -> None:
+    """:func:`write_predictions` for a multi-label model's predictions."""
+    if path.suffix.lower() == ".json":
+        records = [{"path": str(r.path), "labels": r.labels, "probabilities": r.probabilities} for r in rows]
+        atomic_write_bytes(path, json.dumps(records, indent=2).encode())
+        return
+    classes = list(rows[0].probabilities or {}) if rows else []
+    text = io.StringIO()
+    writer = csv.writer(text)
+    writer.writerow(["path", "labels", *classes])
+    for r in rows:
+        probabilities = r.probabilities or {}
+        writer.writerow([str(r.path), "|".join(r.labels or []), *(f"{probabilities[c]:.6f}" for c in classes)])
     atomic_write_bytes(path, text.getvalue().encode())

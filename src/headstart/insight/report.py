@@ -29,7 +29,7 @@ from headstart.data.scan import Dataset, ImageRecord, load_dataset
 from headstart.data.transforms import eval_tensor, normalize
 from headstart.errors import DataError
 from headstart.features.inference import run_model
-from headstart.insight.metrics import classification_metrics
+from headstart.insight.metrics import classification_metrics, multilabel_metrics
 from headstart.insight.pages import Section, Table, render_sections
 from headstart.models.classifier import Classifier
 
@@ -81,7 +81,7 @@ def validation_pass(model: Any, records: Sequence[ImageRecord], mapping: dict[in
     return ValPass(
         records=[records[i] for i in ok],
         labels=np.array([mapping[records[i].label] for i in ok], dtype=np.int64),
-        probs=torch.softmax(logits, dim=1).numpy(),
+        probs=model.probabilities(logits).numpy(),
         features=values[:, :width_d],
         failed=out.failed,
     )
@@ -106,9 +106,10 @@ def learning_curves_figure(history: list[dict[str, Any]]) -> Figure:
 
     A panel without any recorded value (the head phase records no loss) is left out rather than drawn empty.
     """
+    kinds = (("loss", "loss", "train_loss"), ("accuracy", "accuracy", "train_accuracy"), ("mAP", "mAP", "train_mAP"))
     panels = [
         (name, [(k, label, style) for k, label, style in ((train_key, "train", "o--"), (val_key, "val", "o-"))])
-        for name, val_key, train_key in (("loss", "loss", "train_loss"), ("accuracy", "accuracy", "train_accuracy"))
+        for name, val_key, train_key in kinds
         if any(row.get(val_key) is not None or row.get(train_key) is not None for row in history)
     ]
     last = max((int(row.get("epoch", 0)) for row in history), default=0)
@@ -126,7 +127,7 @@ def learning_curves_figure(history: list[dict[str, Any]]) -> Figure:
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
         ax.legend()
-        if name == "accuracy":
+        if name in ("accuracy", "mAP"):
             ax.set_ylim(min(0.0, ax.get_ylim()[0]), 1.02)
     fig.suptitle("Learning curves")
     return fig
@@ -417,10 +418,17 @@ def build_report(run_dir: str | Path, data: str | Path | Dataset | None = None) 
     if not dataset.val:
         raise DataError(f"{dataset.root} has no validation images to report on")
     vp = validation_pass(model, dataset.val, mapping)
-    metrics = classification_metrics(vp.labels, vp.probs, classes)
+    if model.multi_label:
+        targets = np.zeros_like(vp.probs)
+        targets[:, [mapping[i] for i in range(len(dataset.classes))]] = dataset.targets(vp.records)
+        metrics = multilabel_metrics(targets, vp.probs, classes, model.thresholds)
+        figures_done = [_curves_section(run_dir), _per_label_section(metrics["per_class"], figures)]
+    else:
+        metrics = classification_metrics(vp.labels, vp.probs, classes)
+        figures_done = _figure_sections(run_dir, model, vp, metrics)
     sections = [
         _summary_section(info, dataset, vp, metrics),
-        *_figure_sections(run_dir, model, vp, metrics),
+        *figures_done,
         *_label_curve_section(run_dir),
         _skipped_section(run_dir),
     ]
@@ -445,9 +453,16 @@ def _summary_section(info: dict[str, Any], dataset: Dataset, vp: ValPass, metric
         ("strategy", info.get("strategy", "?")),
         ("backbone", f"{info.get('backbone')} ({info.get('weights_source', '?')})"),
         ("validation images", metrics["n"]),
-        ("accuracy", _fmt(metrics["accuracy"])),
-        ("balanced accuracy", _fmt(metrics["balanced_accuracy"])),
     ]
+    if metrics.get("multi_label"):
+        rows += [("macro mAP", _fmt(metrics["mAP"])), ("exact match", _fmt(metrics["exact_match"])),
+                 ("macro F1 at the thresholds", _fmt(metrics["macro_f1"])),
+                 ("Hamming loss", _fmt(metrics["hamming_loss"]))]  # fmt: skip
+        notes.append("Multi-label model: a label is predicted when its probability reaches its threshold (chosen by "
+                     "cross-validation on the training split). The mistakes grid, Grad-CAM and the embedding map "
+                     "are drawn for single-label models only.")  # fmt: skip
+    else:
+        rows += [("accuracy", _fmt(metrics["accuracy"])), ("balanced accuracy", _fmt(metrics["balanced_accuracy"]))]
     if "roc_auc" in metrics:
         rows.append(("ROC-AUC", _fmt(metrics["roc_auc"])))
     if info.get("train_seconds") is not None:
@@ -521,6 +536,21 @@ def _per_class_section(per_class: dict[str, dict[str, Any]], figures: Path) -> S
         image=plot_per_class(per_class, figures / "per_class.png"),
         alt="per-class precision, recall and F1 bars",
         table=Table(("class", "precision", "recall", "F1", "support"), rows, "per-class"),
+    )
+
+
+def _per_label_section(per_class: dict[str, dict[str, Any]], figures: Path) -> Section:
+    """A multi-label model's table in place of the confusion matrix: AP, threshold, precision, recall, F1."""
+    rows = [
+        (name, "-" if r["ap"] is None else f"{r['ap']:.3f}", f"{r['threshold']:.3f}", f"{r['precision']:.3f}",
+         f"{r['recall']:.3f}", f"{r['f1']:.3f}", r["support"])
+        for name, r in per_class.items()
+    ]  # fmt: skip
+    return Section(
+        "Per-label average precision, and precision, recall and F1 at the thresholds",
+        image=plot_per_class(per_class, figures / "per_class.png"),
+        alt="per-label precision, recall and F1 bars",
+        table=Table(("label", "AP", "threshold", "precision", "recall", "F1", "support"), rows, "per-label"),
     )
 
 

@@ -126,6 +126,26 @@ def check_classifier(info: dict[str, Any], shapes: dict[str, tuple[int, ...]], f
     if "num_features" in info and shapes[key][-1] != info["num_features"]:
         raise IntegrityError(f"{path} says the backbone gives {info['num_features']} features but the head in "
                              f"{weights} takes {shapes[key][-1]}; {RETRAIN}")  # fmt: skip
+    if info.get("multi_label"):
+        check_thresholds(info, path)
+
+
+def check_thresholds(info: dict[str, Any], where: Path | str) -> None:
+    """Check that a multi-label model's ``thresholds`` give each of its labels one number in [0, 1], and no other.
+
+    Raises:
+        IntegrityError: naming the labels without a usable threshold, or thresholds for labels the model lacks.
+    """
+    classes, thresholds = info["classes"], info.get("thresholds")
+    if not isinstance(thresholds, dict):
+        raise IntegrityError(f"{where} describes a multi-label model without per-label thresholds; {RETRAIN}")
+    missing = [c for c in classes if not isinstance(thresholds.get(c), (int, float)) or not 0 <= thresholds[c] <= 1]
+    extra = sorted(set(thresholds) - set(classes))
+    if missing or extra:
+        problem = f"no threshold in [0, 1] for label(s) {_names(missing)}" if missing else ""
+        problem += ("; " if missing and extra else "") + (f"thresholds for label(s) {_names(extra)} that the model "
+                                                          "does not predict" if extra else "")  # fmt: skip
+        raise IntegrityError(f"{where}: {problem}; {RETRAIN}, or put back the model.json written with these weights")
 
 
 def check_classifier_files(

@@ -105,7 +105,8 @@ def decode_metadata(path: Path, raw: dict[str, str]) -> dict[str, Any]:
     if "headstart_version" not in raw:
         raise ValueError(f"{path} carries no headstart metadata; was it written by `headstart export`?")
     decoded: dict[str, Any] = dict(raw)
-    for key in ("classes", "preprocessing", "input", "output", "val_metrics", "quantization"):
+    keys = ("classes", "preprocessing", "input", "output", "val_metrics", "quantization", "multi_label", "thresholds")
+    for key in keys:
         if key in raw:
             decoded[key] = json.loads(raw[key])
     return decoded

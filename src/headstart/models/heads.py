@@ -11,6 +11,8 @@ row space is inside it), which makes each fit several times cheaper.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 from scipy.optimize import minimize
@@ -299,6 +301,147 @@ def fit_logistic(
         head.weight.copy_(torch.from_numpy(weight).float())
         head.bias.copy_(torch.from_numpy(bias).float())
     return head, info
+
+
+def fit_one_vs_rest(
+    features: np.ndarray, targets: np.ndarray, c: float | None = None, class_weight: str | None = None, seed: int = 0,
+    groups: np.ndarray | None = None, scaling: str = "feature", names: list[str] | None = None,
+) -> tuple[nn.Linear, dict[str, Any], np.ndarray]:  # fmt: skip
+    """Train a multi-label head: one binary logistic regression per label (one-vs-rest) on shared scaled features.
+
+    Each label gets its own strength C, chosen like :func:`fit_logistic`'s (stratified k-fold held-out log-loss,
+    folds dealt over images), and its own decision threshold: the one that maximises F1 of the out-of-fold
+    probabilities at that C, so that no threshold is chosen on a prediction of an image the head was fitted on.
+    ``scaling="auto"`` picks the feature scaling with the lower mean held-out log-loss over the labels. A label
+    with fewer than two training images on one side (present or absent) cannot be cross-validated: it is fitted at
+    :data:`DEFAULT_C` with threshold 0.5, and the summary's ``cv_skipped`` names it.
+
+    Args:
+        features: [N, D] training features.
+        targets: [N, L] multi-hot labels (0/1).
+        c: inverse L2 strength for every label; None chooses one per label by cross-validation.
+        class_weight: ``"balanced"`` weighs each label's present and absent images equally.
+        seed: fold shuffling seed.
+        groups: image identity per row when rows include augmented views (keeps views in one CV fold).
+        scaling: ``feature``, ``global`` or ``auto``.
+        names: label names for the summary (default ``label_0``, ...).
+
+    Returns:
+        The head (one logit per label: a sigmoid gives its probability), a summary (C, CV log-loss and threshold per
+        label) and the thresholds [L].
+    """
+    targets = np.asarray(targets) > 0.5
+    n_labels = targets.shape[1]
+    names = names or [f"label_{j}" for j in range(n_labels)]
+    images = np.arange(len(targets)) if groups is None else groups
+    candidates = SCALINGS if scaling == "auto" else (scaling,)
+    best: tuple[float, _Problem, list[tuple[float, float | None, np.ndarray | None]]] | None = None
+    for name in candidates:
+        problem = _Problem(features, name)
+        per_label = [_binary_cv(problem, targets[:, j].astype(np.int64), c, class_weight, seed, images)
+                     for j in range(n_labels)]  # fmt: skip
+        losses = [loss for _, loss, _ in per_label if loss is not None]
+        total = float(np.mean(losses)) if losses else 0.0
+        if best is None or total < best[0]:
+            best = (total, problem, per_label)
+        del problem
+    assert best is not None
+    total, problem, per_label = best
+    d = problem.coords.shape[1]
+    weight = np.zeros((n_labels, features.shape[1]), dtype=np.float64)
+    bias = np.zeros(n_labels, dtype=np.float64)
+    thresholds = np.full(n_labels, 0.5)
+    skipped = []
+    for j, (chosen, loss, oof) in enumerate(per_label):
+        _, theta = problem.fit(np.arange(len(targets)), targets[:, j].astype(np.int64), chosen, class_weight)
+        coef = theta[:d].reshape(1, d)
+        if problem.basis is not None:
+            coef = coef @ problem.basis
+        weight[j] = coef[0] / problem.std
+        bias[j] = theta[d] - weight[j] @ problem.mean
+        if oof is None or loss is None:
+            skipped.append(names[j])
+        else:
+            rows = ~np.isnan(oof)
+            thresholds[j] = choose_threshold(oof[rows], targets[rows, j])
+    head = nn.Linear(features.shape[1], n_labels)
+    with torch.no_grad():
+        head.weight.copy_(torch.from_numpy(weight).float())
+        head.bias.copy_(torch.from_numpy(bias).float())
+    info: dict[str, Any] = {
+        "C": {names[j]: per_label[j][0] for j in range(n_labels)},
+        "scaling": problem.scaling,
+        "thresholds": {names[j]: round(float(thresholds[j]), 6) for j in range(n_labels)},
+    }
+    if len(skipped) < n_labels:
+        info["cv_log_loss"] = total
+    if skipped:
+        info["cv_skipped"] = f"label(s) {', '.join(skipped)} have fewer than two training images with or without them"
+    return head, info, thresholds
+
+
+def _binary_cv(
+    problem: _Problem, y: np.ndarray, c: float | None, class_weight: str | None, seed: int, groups: np.ndarray,
+    folds: int = 5,
+) -> tuple[float, float | None, np.ndarray | None]:  # fmt: skip
+    """(C, its mean held-out log-loss, the out-of-fold probabilities at that C [N], NaN for rows in no fold) of one
+    label; (DEFAULT_C or ``c``, None, None) when a side has fewer than two images.
+
+    Strengths run from strong to weak regularisation, warm-started per fold, and stop once the loss has risen at
+    two strengths in a row (as in :func:`_choose_c`).
+    """
+    smallest = _smallest_class(y, groups) if len(np.unique(y)) == 2 else 0
+    if smallest < 2:
+        return c or DEFAULT_C, None, None
+    splits = group_folds(y, groups, max(2, min(folds, smallest)), seed, max_groups=CV_MAX_IMAGES)
+    starts: list[np.ndarray | None] = [None] * len(splits)
+    best: tuple[float, float, np.ndarray] | None = None
+    rises = 0
+    for strength in sorted(C_GRID if c is None else (c,)):
+        oof = np.full(len(y), np.nan)
+        for k, (train_idx, test_idx) in enumerate(splits):
+            _, theta = problem.fit(train_idx, y, strength, class_weight, starts[k], gtol=CV_GTOL)
+            starts[k] = theta
+            oof[test_idx] = _softmax(problem.logits(theta, 2, test_idx))[:, 1]
+        rows = ~np.isnan(oof)
+        p = np.clip(oof[rows], 1e-7, 1 - 1e-7)
+        loss = float(-np.mean(y[rows] * np.log(p) + (1 - y[rows]) * np.log(1 - p)))
+        if best is None or loss < best[1]:
+            best, rises = (strength, loss, oof), 0
+        else:
+            rises += 1
+            if rises == 2:
+                break
+    assert best is not None
+    return best
+
+
+def choose_threshold(probs: np.ndarray, labels: np.ndarray) -> float:
+    """The probability threshold (``p >= t`` predicts the label) that maximises F1 on ``probs`` [N] against 0/1
+    ``labels``; it lies halfway between two neighbouring probabilities, and ties go to the one nearest 0.5.
+
+    0.5 when ``labels`` has no positive (F1 is zero at every threshold).
+    """
+    labels = np.asarray(labels).astype(np.float64)
+    positives = labels.sum()
+    if positives == 0 or len(probs) == 0:
+        return 0.5
+    order = np.argsort(-probs, kind="stable")
+    p, y = probs[order], labels[order]
+    tp = np.cumsum(y)
+    f1 = 2 * tp / (np.arange(1, len(p) + 1) + positives)  # 2TP / (2TP + FP + FN), with TP + FP = rows predicted
+    cuts = np.r_[p[:-1] > p[1:], True]  # a cut after row k only where the next probability is lower
+    cut_at = np.r_[(p[:-1] + p[1:]) / 2, p[-1] / 2]
+    score = np.where(cuts, f1, -1.0)
+    tied = np.flatnonzero(score >= score.max() - 1e-12)
+    return float(cut_at[tied[np.argmin(np.abs(cut_at[tied] - 0.5))]])
+
+
+def predict_sigmoid(head: nn.Module, features: np.ndarray) -> np.ndarray:
+    """Per-label sigmoid probabilities of a multi-label head on precomputed features."""
+    with torch.inference_mode():
+        logits = head(torch.from_numpy(features).float())
+    return torch.sigmoid(logits.float()).numpy()
 
 
 def fit_knn(features: np.ndarray, labels: np.ndarray, num_classes: int, k: int = 10) -> KNNHead:

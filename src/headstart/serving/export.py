@@ -6,7 +6,8 @@ RGB, resize the shorter side to ``preprocessing.resize_size``, centre-crop ``inp
 followed by :func:`headstart.data.transforms.normalize`). With ``input="uint8"`` the scaling and normalisation are
 built into the graph, so callers feed the cropped uint8 pixels instead. The batch axis is dynamic.
 
-Outputs are class logits ``[B, C]`` (softmax gives the probabilities ``predict`` reports) for ``what="classifier"``,
+Outputs are class logits ``[B, C]`` (softmax gives the probabilities ``predict`` reports; for a multi-label model a
+sigmoid per label, compared with the per-label ``thresholds`` in the metadata) for ``what="classifier"``,
 or backbone features ``[B, D]`` for ``what="embedder"``. Everything needed to use the file travels inside it: the
 class names, the preprocessing, the backbone name and the headstart version, as ONNX ``metadata_props`` or as the
 TorchScript archive's ``headstart.json`` extra file (read it with :func:`read_metadata`, which checks the file against
@@ -131,6 +132,12 @@ def export(
         )
     run_dir = Path(run_dir)
     classifier, info = load_classifier(run_dir)
+    if quantize and info.get("multi_label"):
+        raise ValueError(
+            f"--quantize {quantize}: {run_dir} is a multi-label model, and the int8 check compares top-1 classes, "
+            "which say nothing about label sets; export it without --quantize (the fp32 file keeps its thresholds). "
+            "Nothing was written."
+        )
     images = None
     if quantize:  # onnxruntime.quantization is only needed (and only installed, with the export extra) here
         from headstart.serving.quantize import find_images
@@ -194,7 +201,12 @@ def export_metadata(info: dict[str, Any], what: str, input: str, format: str) ->
               "normalised": normalised}  # fmt: skip
     width = len(info["classes"]) if what == "classifier" else int(info["num_features"])
     outputs = {"name": "logits" if what == "classifier" else "features", "shape": ["batch", width]}
+    multi_label = {}
+    if what == "classifier" and info.get("multi_label"):  # one sigmoid per label, then each label's threshold
+        outputs["activation"] = "sigmoid"
+        multi_label = {"multi_label": "true", "thresholds": json.dumps(info["thresholds"])}
     return {
+        **multi_label,
         "headstart_version": versions()["headstart"],
         "format": format,
         "what": what,

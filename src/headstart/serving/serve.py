@@ -182,7 +182,16 @@ class Service:
         batches = [normalize(b, prep).to(self.model.device) for b in self.decode_views(uploads, prep, views)]
         with self.lock, torch.inference_mode(), autocast(self.model.device, self.model.precision):
             logits = torch.stack([network(x).float() for x in batches]).mean(0)
-            probs = torch.softmax(logits, dim=1).cpu().numpy()
+            probs = self.model.probabilities(logits).cpu().numpy()
+        if self.model.multi_label:  # the labels at or above their thresholds, and every label's probability
+            return [
+                {"filename": upload.name, "labels": names, "label": "|".join(names),
+                 "probability": top[0][1], "top": [{"label": label, "probability": p} for label, p in top],
+                 "probabilities": dict(zip(self.model.classes, map(float, row), strict=True))}
+                for upload, top, names, row in zip(
+                    uploads, top_classes(probs, self.model.classes, top_k), self.model.decide(probs), probs, strict=True
+                )
+            ]  # fmt: skip
         return [
             {"filename": upload.name, "label": top[0][0], "probability": top[0][1],
              "top": [{"label": label, "probability": p} for label, p in top]}
@@ -328,6 +337,7 @@ def _add_health(app: FastAPI, service: Service, queue: Queue, keyed: bool, max_u
             "auth": "key" if keyed else "none",
             "backbone": service.model.info.get("backbone"),
             "classes": service.model.classes,
+            "multi_label": service.model.multi_label,
             "input_size": service.model.preprocessing.input_size,
             "index": service.index is not None,
             "index_size": len(service.index.paths) if service.index else 0,

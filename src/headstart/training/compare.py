@@ -27,6 +27,8 @@ from matplotlib.figure import Figure
 
 from headstart import progress
 from headstart.config import STRATEGIES
+from headstart.data.scan import is_multilabel_manifest
+from headstart.errors import ConfigError
 from headstart.hardware import launch_rank
 from headstart.insight.pages import Link, Section, Table, render_sections
 from headstart.insight.report import FIGURES, read_history
@@ -276,6 +278,12 @@ def compare(
         The runs, the per-strategy table and the report path.
     """
     strategies = _check_options(strategies, seeds, train_overrides)
+    if is_multilabel_manifest(data) or train_overrides.get("multi_label") or train_overrides.get("data.multi_label"):
+        raise ConfigError(
+            f"{data} is multi-label, and compare ranks strategies by accuracy, which label sets do not have; train "
+            "each strategy with `headstart train DATA --strategy S` and compare the macro mAP that `headstart "
+            "evaluate` reports"
+        )
     root = Path(out) if out else Path("runs") / f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
     # Under torchrun every rank trains its share of each run; rank 0 alone keeps the books and writes.
     is_main = launch_rank() == 0

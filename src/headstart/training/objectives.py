@@ -2,7 +2,8 @@
 
 The trainer runs steps, schedules, processes and checkpoints; an objective says what one batch's loss is, what to
 gather from the validation set and which metrics that gives. Classification trains a classifier with cross-entropy;
-reconstruction trains an autoencoder on its pixel error.
+multi-label classification one sigmoid per label with binary cross-entropy; reconstruction trains an autoencoder on
+its pixel error.
 """
 
 from __future__ import annotations
@@ -10,12 +11,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from headstart.data.transforms import Preprocessing, normalize
-from headstart.insight.metrics import classification_metrics
+from headstart.insight.metrics import classification_metrics, multilabel_metrics
 from headstart.models.autoencoder import Autoencoder
 from headstart.training.trainer import Batch, Forward, StepResult
 
@@ -73,6 +75,75 @@ class Classification:
             f"epoch {epoch}: train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.3f} | "
             f"val loss {row['loss']:.4f} acc {row['accuracy']:.4f} "
             f"bal {row['balanced_accuracy']:.4f} | {row['train_images_per_s']:.1f} img/s"
+        )
+
+
+class MultiLabel:
+    """Binary cross-entropy on one logit per label (``BCEWithLogitsLoss``); judged by
+    :func:`~headstart.insight.metrics.multilabel_metrics`, macro mAP first (it needs no threshold, so the best epoch
+    does not depend on one). Batches are (uint8 images, labels, indices): a record holds a label *set*, so the
+    multi-hot targets are looked up by the batch's indices into the training and validation splits.
+
+    Args:
+        classes: label names in column order.
+        prep: the preprocessing whose normalisation turns a uint8 batch into the network's input.
+        train_targets: multi-hot labels [N_train, L] of the training split, indexed by the training loader's indices.
+        val_targets: the same [N_val, L] for the validation split.
+        thresholds: per-label decision thresholds for the validation metrics at each epoch (F1, exact match).
+        label_smoothing: targets become ``t * (1 - s) + s / 2``.
+        pos_weight: weight of each label's positive term, e.g. negatives / positives for rare labels; None: 1.
+        device: where the targets live: the training device.
+    """
+
+    running: tuple[str, ...] = ("train_exact_match",)
+    unlogged: tuple[str, ...] = ("per_class", "classes")
+
+    def __init__(
+        self,
+        classes: Sequence[str],
+        prep: Preprocessing,
+        train_targets: np.ndarray,
+        val_targets: np.ndarray,
+        thresholds: Sequence[float],
+        label_smoothing: float = 0.0,
+        pos_weight: Sequence[float] | None = None,
+        device: torch.device | None = None,
+    ):
+        self.classes = list(classes)
+        self.prep = prep
+        self.train_targets = torch.as_tensor(train_targets, dtype=torch.float32, device=device)
+        self.val_targets = torch.as_tensor(val_targets, dtype=torch.float32, device=device)
+        self.thresholds = np.asarray(thresholds, dtype=np.float64)
+        self.smoothing = label_smoothing
+        weight = torch.tensor(pos_weight, device=device) if pos_weight else None
+        self.loss_fn = nn.BCEWithLogitsLoss(pos_weight=weight)
+
+    def step(self, forward: Forward, batch: Batch) -> StepResult:
+        """Binary cross-entropy of the batch, and its images with every label right (at probability 0.5)."""
+        images, _, index = batch
+        targets = self.train_targets[index.to(self.train_targets.device)]
+        logits = forward(normalize(images, self.prep)).float()
+        loss = self.loss_fn(logits, targets * (1 - self.smoothing) + self.smoothing / 2)
+        exact = ((logits > 0) == (targets > 0.5)).all(1).sum()
+        return StepResult(loss, len(targets), (exact,))
+
+    def outputs(self, forward: Forward, batch: Batch) -> tuple[torch.Tensor, ...]:
+        """Logits and multi-hot targets."""
+        images, _, index = batch
+        return forward(normalize(images, self.prep)).float(), self.val_targets[index.to(self.val_targets.device)]
+
+    def evaluate(self, outputs: tuple[torch.Tensor, ...]) -> dict[str, Any]:
+        """Multi-label metrics (their ``loss`` is the unsmoothed, unweighted binary cross-entropy)."""
+        logits, targets = outputs
+        probs = torch.sigmoid(logits).numpy()
+        return multilabel_metrics(targets.numpy(), probs, self.classes, self.thresholds)
+
+    def describe(self, epoch: int, row: dict[str, Any]) -> str:
+        """Training loss and exact match, validation loss, mAP and exact match, throughput."""
+        return (
+            f"epoch {epoch}: train loss {row['train_loss']:.4f} exact {row['train_exact_match']:.3f} | "
+            f"val loss {row['loss']:.4f} mAP {row['mAP']:.4f} exact {row['exact_match']:.4f} | "
+            f"{row['train_images_per_s']:.1f} img/s"
         )
 
 

@@ -5,6 +5,7 @@ The CLI calls these functions and nothing else.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import time
@@ -32,11 +33,12 @@ from headstart.data.transforms import (
     train_augment,
     tta_views,
 )
+from headstart.errors import ConfigError
 from headstart.features.embeddings import Embeddings, embed
 from headstart.files import atomic_write_bytes, default_cache_root, new_run_dir
 from headstart.hardware import decode_workers, launch_rank, pick_device, resolve_precision, single_process
 from headstart.insight.audit import quick_audit
-from headstart.insight.metrics import classification_metrics
+from headstart.insight.metrics import classification_metrics, multilabel_metrics
 from headstart.insight.predictor import load
 from headstart.models.backbones import Backbone, create_backbone, ensemble_members
 from headstart.models.classifier import (
@@ -47,9 +49,16 @@ from headstart.models.classifier import (
     write_classifier,
     write_model_info,
 )
-from headstart.models.heads import fit_knn, fit_logistic, predict_proba
+from headstart.models.heads import (
+    choose_threshold,
+    fit_knn,
+    fit_logistic,
+    fit_one_vs_rest,
+    predict_proba,
+    predict_sigmoid,
+)
 from headstart.models.prepared import PreparedBackbone, load_backbone
-from headstart.training.objectives import Classification
+from headstart.training.objectives import Classification, MultiLabel
 from headstart.training.strategies import (
     FROZEN,
     apply_bn_policy,
@@ -88,8 +97,12 @@ ALIASES = {
     "split_seed": "data.split_seed",
     "batch_size": "data.batch_size",
     "num_workers": "data.num_workers",
+    "multi_label": "data.multi_label",
 }
-SUMMARY_KEYS = ("n", "accuracy", "balanced_accuracy", "roc_auc", "loss")
+# The headline metrics model.json keeps; multi-label runs have mAP, exact_match, macro_f1 and hamming_loss instead of
+# accuracy, balanced_accuracy and roc_auc.
+SUMMARY_KEYS = ("n", "accuracy", "balanced_accuracy", "roc_auc", "mAP", "exact_match", "macro_f1", "hamming_loss",
+                "loss")  # fmt: skip
 
 
 @dataclass
@@ -205,6 +218,9 @@ def train(
     if config.strategy != "scratch" and not _resume:  # a resumed run's head is in its checkpoint
         # Under a multi-process launch every rank embeds its share of the images; each then fits the (same) head.
         head, baseline = _fit_head(backbone, dataset, config, precision, device, is_main)
+    if dataset.multi_label:  # the head's cross-validated thresholds (0.5 before a network has any), kept in model.json
+        chosen = baseline["head_info"]["thresholds"] if baseline is not None else {}
+        meta["thresholds"] = {name: float(chosen.get(name, 0.5)) for name in dataset.classes}
     if not is_main and accelerator is None:
         return result  # frozen features: rank 0 writes the run folder
     if config.strategy in FROZEN and head is not None and baseline is not None:
@@ -272,7 +288,9 @@ def finish_tracking(tracking: Tracking, result: TrainResult) -> None:
 
 def _load_data(config: TrainConfig, run_dir: Path, cache_root: Path, is_main: bool) -> Dataset:
     """Scan and split the data, list what was skipped, and warn about leakage (rank 0 reports)."""
-    dataset = load_dataset(config.data.path, config.data.val_fraction, config.data.split_seed, cache_root)
+    dataset = load_dataset(
+        config.data.path, config.data.val_fraction, config.data.split_seed, cache_root, config.data.multi_label
+    )
     _report_data(dataset, run_dir, is_main)
     if config.run.audit and is_main:
         for warning in quick_audit(dataset):
@@ -302,8 +320,10 @@ def _backbone(config: TrainConfig, cache_root: Path) -> Backbone | PreparedBackb
 
 
 def _meta(config: TrainConfig, dataset: Dataset, precision: str) -> dict[str, Any]:
-    """What model.json records about the run besides the model itself."""
+    """What model.json records about the run besides the model itself (a multi-label run: ``multi_label``, and
+    ``thresholds`` once chosen)."""
     return {
+        **({"multi_label": True} if dataset.multi_label else {}),
         "classes": dataset.classes,
         "strategy": config.strategy,
         "precision": precision,
@@ -343,6 +363,8 @@ def _finish_run(result: TrainResult, dataset: Dataset, run_dir: Path, reload: bo
     # The best checkpoint, measured through the same path as `headstart evaluate`. An extract run's val metrics
     # already are its saved model's, so without a test split it skips rebuilding the network.
     loaded = load(run_dir) if reload or dataset.test else None
+    if loaded is not None and reload and dataset.multi_label:
+        loaded.info["thresholds"] = _training_thresholds(loaded, dataset)
     if loaded is not None and reload:
         result.metrics = loaded.evaluate(dataset, split="val")
     if loaded is not None and dataset.test:
@@ -354,6 +376,15 @@ def _finish_run(result: TrainResult, dataset: Dataset, run_dir: Path, reload: bo
     write_model_info(run_dir, info)
     metrics = {"val": result.metrics, "test": result.test_metrics}
     atomic_write_bytes(run_dir / "metrics.json", json.dumps(metrics, indent=2).encode(), sync=False)
+
+
+def _training_thresholds(model: Any, dataset: Dataset) -> dict[str, float]:
+    """Per-label thresholds of a trained network (finetune, scratch): those maximising F1 of its predictions on the
+    training split's centre crops. Out-of-fold predictions would need a network per fold; the head phase's
+    cross-validated thresholds belong to the frozen-feature head, not to the network trained after it."""
+    probs, out = model.predict_proba(dataset.train)
+    targets = dataset.targets(dataset.train)[out.ok]
+    return {name: choose_threshold(probs[:, j], targets[:, j]) for j, name in enumerate(dataset.classes)}
 
 
 def _write_report(run_dir: Path, dataset: Dataset) -> None:
@@ -382,8 +413,12 @@ def _report_data(dataset: Dataset, run_dir: Path, is_main: bool) -> None:
 
 
 def _class_weights(dataset: Dataset, mode: str) -> tuple[float, ...] | None:
+    """Inverse class frequency (multi-label: each label's absent / present images, BCE's ``pos_weight``)."""
     if mode != "auto":
         return None
+    if dataset.multi_label:
+        present = dataset.targets(dataset.train).sum(0)
+        return tuple(float(w) for w in (len(dataset.train) - present) / np.maximum(present, 1))
     counts = np.array(list(dataset.counts(dataset.train).values()), dtype=np.float64)
     weights = counts.sum() / (len(counts) * np.maximum(counts, 1))
     return tuple(float(w) for w in weights)
@@ -403,6 +438,8 @@ def _fit_head(
     info: dict[str, Any]
     head: torch.nn.Module
     num_classes = len(dataset.classes)
+    if dataset.multi_label:
+        return _fit_multilabel_head(backbone, dataset, config, (features, labels, groups), val_set, hits, show)
     if optim.head == "knn":
         head = fit_knn(features, labels, num_classes, k=optim.knn_k or 10)
         info = {"head": "knn", "k": optim.knn_k}
@@ -426,6 +463,35 @@ def _fit_head(
     return head, metrics
 
 
+def _fit_multilabel_head(
+    backbone: Backbone | PreparedBackbone, dataset: Dataset, config: TrainConfig,
+    train_set: tuple[np.ndarray, np.ndarray, np.ndarray], val_set: tuple[np.ndarray, np.ndarray], hits: int, show: bool,
+) -> tuple[torch.nn.Module, dict[str, Any]]:  # fmt: skip
+    """:func:`_fit_head` for multi-label data: one-vs-rest logistic heads and their cross-validated thresholds."""
+    if config.optim.head == "knn":
+        raise ConfigError("the kNN head votes for one class per image; a multi-label run needs the logistic head: "
+                          "drop --head knn")  # fmt: skip
+    features, targets, groups = train_set
+    tic = time.perf_counter()
+    class_weight = "balanced" if config.run.class_weights == "auto" else None
+    head, fitted, thresholds = fit_one_vs_rest(
+        features, targets, c=config.optim.head_c, class_weight=class_weight, seed=config.run.seed, groups=groups,
+        scaling=config.optim.head_scaling or "feature", names=dataset.classes,
+    )  # fmt: skip
+    info: dict[str, Any] = {"head": "logistic", "multi_label": True, **fitted}
+    info["head_seconds"] = round(time.perf_counter() - tic, 3)
+    info["feature_cache_hits"] = hits
+    info["recipe"] = recipe_line(config, backbone, info)
+    val_features, val_targets = val_set
+    metrics = multilabel_metrics(val_targets, predict_sigmoid(head, val_features), dataset.classes, thresholds)
+    metrics["head_info"] = info
+    if show:
+        progress.log(f"recipe: {info['recipe']}")
+        progress.log(f"head on frozen features: val mAP {metrics['mAP']:.4f}, exact match {metrics['exact_match']:.4f} "
+                     f"({hits} images from the cache)")  # fmt: skip
+    return head, metrics
+
+
 def _head_features(
     backbone: Backbone | PreparedBackbone, dataset: Dataset, config: TrainConfig, precision: str, device: torch.device
 ) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray], int]:
@@ -444,7 +510,7 @@ def _head_features(
     in_train = both.index < n_train
     tr = Embeddings(both.features[in_train], both.index[in_train])
     va = Embeddings(both.features[~in_train], both.index[~in_train] - n_train)
-    labels = np.array([dataset.train[i].label for i in tr.index])
+    labels = _row_labels(dataset, dataset.train, tr.index)
     features, groups = tr.features, tr.index.copy()
     for k in range(config.optim.augment_views or 0):
         torch.manual_seed(config.run.seed * 1000 + k)
@@ -457,9 +523,9 @@ def _head_features(
             **common,
         )
         features = np.concatenate([features, view.features])
-        labels = np.concatenate([labels, np.array([dataset.train[tr.index[i]].label for i in view.index])])
+        labels = np.concatenate([labels, _row_labels(dataset, dataset.train, tr.index[view.index])])
         groups = np.concatenate([groups, tr.index[view.index]])
-    val_labels = np.array([dataset.val[i].label for i in va.index])
+    val_labels = _row_labels(dataset, dataset.val, va.index)
     return (features, labels, groups), (va.features, val_labels), both.hits
 
 
@@ -496,6 +562,13 @@ def frozen_features(
     return _head_features(backbone, dataset, config, precision, device)
 
 
+def _row_labels(dataset: Dataset, records: list[Any], index: np.ndarray) -> np.ndarray:
+    """Labels of ``records[index]``: class indices [N], or multi-hot rows [N, L] for multi-label data."""
+    if dataset.multi_label:
+        return dataset.targets(records)[index]
+    return np.array([records[i].label for i in index], dtype=np.int64)
+
+
 def recipe_line(config: TrainConfig, backbone: Backbone | PreparedBackbone, info: dict[str, Any]) -> str:
     """One readable line: what the frozen-feature recipe decided, and why."""
     prep = backbone.preprocessing
@@ -508,7 +581,13 @@ def recipe_line(config: TrainConfig, backbone: Backbone | PreparedBackbone, info
     views = "each image's features averaged with its mirror image's" if prep.mirror else "one centre view"
     if prep.crops:
         views = "features averaged over the centre and four corner crops" + (", each with its mirror" * prep.mirror)
-    if info.get("head") == "knn":
+    if info.get("multi_label"):
+        strengths = ", ".join(f"{name} {c}" for name, c in info["C"].items())
+        cuts = ", ".join(f"{name} {t:.3f}" for name, t in info["thresholds"].items())
+        head = (f"one-vs-rest logistic heads, {info.get('scaling')} feature scaling, C per label ({strengths}), "
+                f"F1-maximising thresholds ({cuts}) from out-of-fold probabilities on the training split")  # fmt: skip
+        head += f" (fixed C and threshold 0.5: {info['cv_skipped']})" if "cv_skipped" in info else ""
+    elif info.get("head") == "knn":
         head = f"kNN head, k={info.get('k')}"
     else:
         head = f"logistic head, C={info.get('C')}, {info.get('scaling')} feature scaling"
@@ -563,8 +642,17 @@ def _fit_network(
     )
     if config.run.channels_last:
         model.to(memory_format=torch.channels_last)
-    objective = Classification(dataset.classes, prep, optim.label_smoothing,
-                               _class_weights(dataset, config.run.class_weights), accelerator.device)  # fmt: skip
+    objective: Classification | MultiLabel
+    if dataset.multi_label:  # selected by macro mAP, which needs no threshold
+        settings = dataclasses.replace(settings, metric="mAP")
+        thresholds = [float((baseline or {}).get("per_class", {}).get(c, {}).get("threshold", 0.5))
+                      for c in dataset.classes]  # fmt: skip
+        objective = MultiLabel(dataset.classes, prep, dataset.targets(dataset.train), dataset.targets(dataset.val),
+                               thresholds, optim.label_smoothing, _class_weights(dataset, config.run.class_weights),
+                               accelerator.device)  # fmt: skip
+    else:
+        objective = Classification(dataset.classes, prep, optim.label_smoothing,
+                                   _class_weights(dataset, config.run.class_weights), accelerator.device)  # fmt: skip
     trainer = Trainer(
         model,
         param_groups(model, config.strategy, optim),
@@ -580,7 +668,7 @@ def _fit_network(
     )
     result = trainer.fit(resume=resume)
     if accelerator.is_main_process:
-        progress.log(f"best val {config.run.metric} {result.best_metric:.4f} at epoch {result.best_epoch}")
+        progress.log(f"best val {settings.metric} {result.best_metric:.4f} at epoch {result.best_epoch}")
     return result.history
 
 
