@@ -421,3 +421,11 @@ def test_compare_refuses_multilabel_data_before_training(manifest: Path, tmp_pat
     with pytest.raises(ConfigError, match="compare the macro mAP"):
         headstart.compare(manifest, out=tmp_path / "cmp")
     assert not (tmp_path / "cmp").exists()
+
+
+def test_curve_and_suggest_refuse_multilabel(manifest: Path, run: headstart.TrainResult, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="multi-label"):
+        headstart.learning_curve(manifest, out=tmp_path / "curve")
+    assert not (tmp_path / "curve").exists()
+    with pytest.raises(ConfigError, match="multi-label model"):
+        headstart.suggest(run.run_dir, manifest.parent, budget=2, out=tmp_path / "suggest")

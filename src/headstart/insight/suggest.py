@@ -193,6 +193,11 @@ def suggest(
     model = run if isinstance(run, Model) else load(run)
     if model.info.get("exported"):
         raise ConfigError(f"{run} is an ONNX export; suggest needs the run folder (its embeddings)")
+    if model.multi_label:
+        raise ConfigError(
+            f"{run} is a multi-label model: suggest ranks by the margin between one image's top two classes, which "
+            "label sets do not have; it is not built for multi-label models yet"
+        )
     records, skipped = scan_files(list_images(folder))
     notes: list[str] = []
     if skipped:

@@ -31,7 +31,7 @@ from scipy.optimize import least_squares
 from headstart import progress
 from headstart.config import TrainConfig
 from headstart.data.scan import Dataset, load_dataset
-from headstart.errors import DataError
+from headstart.errors import ConfigError, DataError
 from headstart.files import atomic_write_bytes, default_cache_root, new_run_dir
 from headstart.models.heads import fit_logistic, predict_proba
 from headstart.training.run import build_config, frozen_features, resolve_config
@@ -402,6 +402,11 @@ def learning_curve(
     dataset = data if isinstance(data, Dataset) else load_dataset(
         config.data.path, config.data.val_fraction, config.data.split_seed, default_cache_root(config.run.cache_dir)
     )  # fmt: skip
+    if dataset.multi_label:
+        raise ConfigError(
+            f"{dataset.root} is multi-label: the learning curve projects single-label accuracy and is not built for "
+            "label sets yet; give it a manifest with one label per image"
+        )
     counts = dataset.counts(dataset.train)
     small = [f"{name} ({n})" for name, n in counts.items() if n < MIN_PER_CLASS]
     if small:  # before any feature is computed
