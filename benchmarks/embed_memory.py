@@ -3,6 +3,10 @@ random crops and re-encoding, so every file is distinct), with the baseline of t
 
     python benchmarks/embed_memory.py [--count 10000]
     python benchmarks/embed_memory.py --command train --classes 100   # the default recipe on 100 classes
+    python benchmarks/embed_memory.py --command train --count 100000 --classes 100 --data /tmp/gen100k
+
+``--data DIR`` keeps the generated images in DIR (made there on the first run, reused after), so a long run's images
+serve later benchmarks too (benchmarks/retrieval_scale.py's real-image run reads the same folder).
 
 With ``--command train`` the images are dealt round-robin into ``--classes`` class folders (the labels carry no
 signal: the figure is memory and time, not accuracy) and each run is ``headstart train`` with the default strategy.
@@ -54,10 +58,11 @@ def tree_memory(pid: int) -> tuple[int, int]:
     return rss, pss
 
 
-def peak_of(command: list[str]) -> tuple[float, float, float]:
-    """(peak tree RSS in MiB, peak tree PSS in MiB, seconds) of a command."""
+def peak_of(command: list[str], log: Path | None = None) -> tuple[float, float, float]:
+    """(peak tree RSS in MiB, peak tree PSS in MiB, seconds) of a command; its output goes to ``log`` if given."""
     tic = time.perf_counter()
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    sink = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115 (closed with the process)
+    proc = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT if log else subprocess.DEVNULL)
     peak_rss = peak_pss = 0
     done = threading.Event()
 
@@ -73,25 +78,40 @@ def peak_of(command: list[str]) -> tuple[float, float, float]:
     proc.wait()
     done.set()
     sampler.join()
+    if log:
+        sink.close()  # type: ignore[union-attr]
     if proc.returncode:
         raise SystemExit(f"{command} failed with {proc.returncode}")
     return peak_rss / 2**20, peak_pss / 2**20, time.perf_counter() - tic
 
 
-def generate(source: Path, out: Path, count: int, classes: int = 0) -> None:
-    """``count`` distinct crops of the ants/bees photos in ``out``, or in ``classes`` class folders under it."""
+def generate(source: Path, out: Path, count: int, classes: int = 0, start: int = 0, step: int = 1) -> None:
+    """``count`` distinct crops of the ants/bees photos in ``out``, or in ``classes`` class folders under it.
+
+    ``start``/``step`` make one of several processes write every ``step``-th image (image i's crop depends on i alone).
+    """
     photos = sorted(source.rglob("*.jpg"))
-    rng = random.Random(0)
     for k in range(max(classes, 1)):
         (out / f"class_{k:03d}" if classes else out).mkdir(parents=True, exist_ok=True)
-    for i in range(count):
+    for i in range(start, count, step):
+        rng = random.Random(i)
         with Image.open(photos[i % len(photos)]) as image:
             w, h = image.size
             side = rng.uniform(0.5, 1.0)
             box = (int(rng.uniform(0, w * (1 - side))), int(rng.uniform(0, h * (1 - side))))
             crop = image.convert("RGB").crop((box[0], box[1], box[0] + int(w * side), box[1] + int(h * side)))
             folder = out / f"class_{i % classes:03d}" if classes else out
-            crop.save(folder / f"img_{i:05d}.jpg", quality=rng.randint(80, 95))
+            crop.save(folder / f"img_{i:06d}.jpg", quality=rng.randint(80, 95))
+
+
+def generate_parallel(source: Path, out: Path, count: int, classes: int = 0) -> None:
+    """:func:`generate` over every core, in one process per core."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    step = os.cpu_count() or 1
+    with ProcessPoolExecutor(step) as pool:
+        for done in [pool.submit(generate, source, out, count, classes, k, step) for k in range(step)]:
+            done.result()
 
 
 def main() -> None:
@@ -99,22 +119,35 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=10_000)
     parser.add_argument("--command", choices=("embed", "train"), default="embed")
     parser.add_argument("--classes", type=int, default=2, help="class folders for --command train")
+    parser.add_argument("--data", type=Path, help="keep the generated images here (made on the first run, reused)")
+    parser.add_argument("--log", type=Path, help="write the large run's output to this file")
+    parser.add_argument("--out", type=Path, help="keep the large run's output folder here")
     args = parser.parse_args()
     classes = args.classes if args.command == "train" else 0
     from headstart.data.demo import hymenoptera
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
+        many = args.data or root / "many"
         tic = time.perf_counter()
-        generate(hymenoptera(), root / "many", args.count, classes)
+        marker = many.with_name(many.name + ".complete")  # beside the folder: the scan sees only images
+        if not marker.exists():
+            generate_parallel(hymenoptera(), many, args.count, classes)
+            if args.data:
+                marker.write_text(f"{args.count} images, {classes} classes\n")
         generate(hymenoptera(), root / "few", max(100, 3 * classes), classes)
-        print(f"generated {args.count} images in {time.perf_counter() - tic:.0f} s")
-        env_cmd = [sys.executable, "-m", "headstart", args.command, "--cache-dir", str(root / "cache"), "--out"]
-        if args.command == "train":
-            env_cmd[-1:-1] = ["--no-report"]
+        print(f"generated {args.count} images in {time.perf_counter() - tic:.0f} s", flush=True)
+        base = [sys.executable, "-m", "headstart", args.command] + (["--no-report"] if args.command == "train" else [])
         os.environ["HEADSTART_QUIET"] = "1"
-        few_rss, few_pss, few_s = peak_of([*env_cmd, str(root / "e100"), str(root / "few")])
-        many_rss, many_pss, many_s = peak_of([*env_cmd, str(root / "e10k"), str(root / "many")])
+        few_rss, few_pss, few_s = peak_of(
+            [*base, "--cache-dir", str(root / "cache_few"), "--out", str(root / "e100"), str(root / "few")]
+        )
+        if args.log:
+            os.environ.pop("HEADSTART_QUIET")  # the large run's progress goes to its log
+        out = args.out or root / "e10k"
+        many_rss, many_pss, many_s = peak_of(
+            [*base, "--cache-dir", str(root / "cache"), "--out", str(out), str(many)], args.log
+        )
     few = max(100, 3 * classes)
     print(f"{few} images:    peak PSS {few_pss:6.0f} MiB (RSS sum {few_rss:6.0f} MiB), {few_s:6.1f} s")
     print(f"{args.count} images: peak PSS {many_pss:6.0f} MiB (RSS sum {many_rss:6.0f} MiB), {many_s:6.1f} s "
