@@ -130,3 +130,25 @@ def test_metrics_match_scikit_learn() -> None:
             assert out["roc_auc"] == pytest.approx(skm.roc_auc_score(labels, probs[:, 1]))
         else:
             assert "roc_auc" not in out
+
+
+def test_large_sets_make_one_full_size_copy_of_the_features(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past CV_MAX_IMAGES, choosing C and the scaling by CV builds its problems on the subsample: the fit holds one
+    float64 copy of the [N, D] features (a second, and np.std's centred temporary, made 100,000 x 3,840 take 14 GB)."""
+    import tracemalloc
+
+    from headstart.models import heads
+
+    features, labels = blobs(3000, 400, 4, seed=5)
+    features = features.astype(np.float32)
+    copy = features.size * 8
+    monkeypatch.setattr(heads, "CV_MAX_IMAGES", 300)
+    tracemalloc.start()
+    try:
+        head, info = fit_logistic(features, labels, 4, scaling="auto")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1.5 * copy, f"peak {peak / 2**20:.1f} MiB for a {copy / 2**20:.1f} MiB float64 copy"
+    assert info["scaling"] in heads.SCALINGS and float(info["C"]) in heads.C_GRID
+    assert (predict_proba(head, features).argmax(1) == labels).mean() > 0.9
