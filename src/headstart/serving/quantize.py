@@ -221,7 +221,7 @@ def _quantize(fp32: Path, tmp: Path, out: Path, reader: _Batches) -> list[str]:
         quantize_static(
             str(prepared), str(out), reader, quant_format=QuantFormat.QDQ, per_channel=True,
             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
-            nodes_to_exclude=kept,
+            nodes_to_exclude=kept, reduce_range=not has_vnni(),
         )  # fmt: skip
     except OSError as error:  # a full disk or a read-only folder, not the graph's fault
         raise storage_error(error, out) from error
@@ -234,6 +234,23 @@ def _quantize(fp32: Path, tmp: Path, out: Path, reader: _Batches) -> list[str]:
     finally:
         prepared.unlink(missing_ok=True)
     return kept
+
+
+def has_vnni() -> bool:
+    """Whether this x86 CPU has an int8 dot-product instruction (AVX512-VNNI, AVX-VNNI or AMX).
+
+    Without one, onnxruntime's uint8 x int8 kernels (AVX2, AVX512 without VNNI) add pairs of products in 16 bits and
+    can saturate; onnxruntime's remedy is ``reduce_range`` (7-bit weights). Measured on a 2-core AMD EPYC with AVX2
+    only: EfficientNet-Lite0's top-1 agreement with fp32 on ants/bees val fell to 97.4% with 8-bit weights.
+    Other CPUs (Arm, or no /proc/cpuinfo) count as having one: their kernels do not saturate this way.
+    """
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return True
+    if "avx2" not in flags:
+        return True
+    return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & set(flags))
 
 
 def edge_nodes(model: Any) -> list[str]:
