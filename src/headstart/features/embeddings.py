@@ -446,6 +446,10 @@ def write_embeddings(
         kept, hits, computed = (sum(part[i] for part in everyone) for i in range(3))
         notes = [note for part in everyone for note in part[3]]
     run = _finish(out, count, model, weights, settings, classes, rank == 0)
+    if world > 1:  # no rank returns before meta.json exists: the caller may read the folder next
+        import torch.distributed as dist
+
+        dist.barrier()
     return EmbedRun(out, run[0], run[1], count, kept, hits, computed, run[2], notes)
 
 
