@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from embed_memory import generate_parallel, tree_memory  # noqa: E402
+from embed_memory import generate_parallel, tree_memory
 
 
 def sampled(command: list[str], log: Path) -> tuple[list[tuple[float, float]], float, float]:
@@ -56,6 +56,50 @@ def peak(samples: list[tuple[float, float]], lo: float, hi: float) -> float:
     return max((m for t, m in samples if lo <= t <= hi), default=0.0)
 
 
+def shard_windows(out: Path, samples: list[tuple[float, float]]) -> tuple[list[dict[str, object]], float]:
+    """Images/s and peak tree PSS of every finished shard in ``out`` (from its ``shard.json``), and when the first
+    one began."""
+    windows: list[dict[str, object]] = []
+    began = []
+    for shard in sorted((out / "shards").iterdir()):
+        try:
+            info = json.loads((shard / "shard.json").read_text())
+        except (OSError, ValueError):
+            continue  # the shard being written
+        images = info["stop"] - info["start"]
+        began.append(info["began"])
+        windows.append({
+            "shard": shard.name, "images": f"{info['start']:,}-{info['stop']:,}",
+            "images_per_s": round(images / info["seconds"], 1), "seconds": round(info["seconds"], 1),
+            "computed": info["computed"], "cache_hits": info["hits"],
+            "peak_pss_mib": round(peak(samples, info["began"], info["finished"])),
+        })  # fmt: skip
+    return windows, min(began, default=0.0)
+
+
+def report_so_far(args: argparse.Namespace) -> None:
+    """--report-only: the figures of the shards finished so far, from their shard.json and the PSS trace."""
+    trace = args.out.with_name(args.out.name + ".embed.pss.tsv")
+    samples = [(float(t), float(m)) for t, m in (line.split("\t") for line in trace.read_text().splitlines())]
+    windows, first = shard_windows(args.out, samples)
+    done = sum(int(str(w["computed"])) + int(str(w["cache_hits"])) for w in windows)
+    result = {
+        "complete": False,
+        "note": "the run was still going when this was written; re-run without --report-only (or the same "
+                "`headstart embed` command) to finish: complete shards are kept",
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores (shared with other jobs)",
+        "loadavg_now": Path("/proc/loadavg").read_text().split()[:3],
+        "backbone": args.backbone, "images": args.count, "shard_size": args.shard_size,
+        "embed": {"images_done": done, "trace_start_to_first_shard_s": round(first - samples[0][0], 1),
+                  "images_per_s_so_far": round(done / sum(float(str(w["seconds"])) for w in windows), 1)
+                  if windows else None,
+                  "peak_pss_mib_so_far": round(max(m for _, m in samples)), "per_shard": windows},
+    }  # fmt: skip
+    args.result.parent.mkdir(parents=True, exist_ok=True)
+    args.result.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--count", type=int, default=100_000)
@@ -67,7 +111,11 @@ def main() -> None:
     parser.add_argument("--index", default="ivf", choices=["flat", "ivf", "hnsw"])
     parser.add_argument("--cache-dir", type=Path, default=Path("/work/scale/cache"))
     parser.add_argument("--result", type=Path, default=Path(__file__).parent / "results" / "embed_scale_cpu.json")
+    parser.add_argument("--report-only", action="store_true", help="report the shards finished so far and stop")
     args = parser.parse_args()
+    if args.report_only:
+        report_so_far(args)
+        return
     from headstart.data.demo import hymenoptera
 
     marker = args.data.with_name(args.data.name + ".complete")
@@ -83,18 +131,7 @@ def main() -> None:
     samples, start, end = sampled(embed_cmd, args.out.with_name(args.out.name + ".embed.log"))
     load["after_embed"] = Path("/proc/loadavg").read_text().split()[:3]
     meta = json.loads((args.out / "meta.json").read_text())
-    windows = []
-    for entry in meta["shards"]:
-        info = json.loads((args.out / "shards" / entry["name"] / "shard.json").read_text())
-        images = info["stop"] - info["start"]
-        windows.append({
-            "shard": entry["name"], "images": f"{info['start']:,}-{info['stop']:,}",
-            "images_per_s": round(images / info["seconds"], 1), "seconds": round(info["seconds"], 1),
-            "computed": info["computed"], "cache_hits": info["hits"],
-            "peak_pss_mib": round(peak(samples, info["began"], info["finished"])),
-        })  # fmt: skip
-    first_shard = min(json.loads((args.out / "shards" / e["name"] / "shard.json").read_text())["began"]
-                      for e in meta["shards"])  # fmt: skip
+    windows, first_shard = shard_windows(args.out, samples)
     index_dir = args.out.with_name(args.out.name + f"-{args.index}")
     index_cmd = [*hs, "index", "build", "--embeddings", str(args.out), "--out", str(index_dir), "--index", args.index,
                  "--overwrite"]  # fmt: skip
@@ -119,17 +156,25 @@ def main() -> None:
         "embed": {
             "seconds": round(end - start, 1),
             "scan_and_start_s": round(first_shard - start, 1),
-            "images_per_s_overall": round(sum(int(w["computed"]) + int(w["cache_hits"]) for w in windows)
-                                          / (end - first_shard), 1),  # fmt: skip
+            "images_per_s_overall": round(
+                sum(int(w["computed"]) + int(w["cache_hits"]) for w in windows) / (end - first_shard), 1
+            ),
             "peak_pss_mib": round(max(m for _, m in samples)),
             "per_shard": windows,
         },
-        "index_build": {"kind": args.index, "seconds": round(i_end - i_start, 1),
-                        "peak_pss_mib": round(max(m for _, m in index_samples))},  # fmt: skip
-        "search": {"queries": len(queries), "seconds_incl_startup": round(search_s, 1),
-                   "self_found_first": sum(r["results"][0]["path"] == r["query"] for r in found if r["results"]),
-                   "top": [[r["query"], r["results"][0]["path"], round(r["results"][0]["score"], 4)]
-                           for r in found if r["results"]]},  # fmt: skip
+        "index_build": {
+            "kind": args.index,
+            "seconds": round(i_end - i_start, 1),
+            "peak_pss_mib": round(max(m for _, m in index_samples)),
+        },
+        "search": {
+            "queries": len(queries),
+            "seconds_incl_startup": round(search_s, 1),
+            "self_found_first": sum(r["results"][0]["path"] == r["query"] for r in found if r["results"]),
+            "top": [
+                [r["query"], r["results"][0]["path"], round(r["results"][0]["score"], 4)] for r in found if r["results"]
+            ],
+        },
         "output": {"embeddings": str(args.out), "index": str(index_dir)},
     }
     args.result.parent.mkdir(parents=True, exist_ok=True)

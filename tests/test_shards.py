@@ -53,7 +53,7 @@ def test_shards_read_back_as_one_matrix_and_stream(image_folder: Path, tiny_weig
     whole = _embed(image_folder, tiny_weights, tmp_path / "whole", tmp_path / "c1", shard_size=1000)
     sharded = _embed(image_folder, tiny_weights, tmp_path / "sharded", tmp_path / "c2", shard_size=8)
     assert (whole.shards, sharded.shards, sharded.rows) == (1, 4, 30)  # type: ignore[attr-defined]
-    a, rows_a, meta_a = load_embeddings(tmp_path / "whole")
+    a, rows_a, _meta_a = load_embeddings(tmp_path / "whole")
     b, rows_b, meta_b = load_embeddings(tmp_path / "sharded")
     np.testing.assert_array_equal(a, b)
     assert rows_a == rows_b and rows_a[0]["label"] in ("horizontal", "vertical") and rows_a[0]["split"] == "train"
@@ -72,7 +72,8 @@ def test_sigkill_mid_run_then_rerun_equals_uninterrupted(image_folder: Path, tin
     (hook / "sitecustomize.py").write_text(KILL_IN_THIRD_SHARD)
     out = tmp_path / "emb"
     command = [sys.executable, "-m", "headstart", "embed", str(image_folder), "--backbone", "tiny_cnn", "--weights",
-               str(tiny_weights), "--precision", "fp32", "--shard-size", "8", "--out", str(out), "--no-cache"]  # fmt: skip
+               str(tiny_weights), "--precision", "fp32", "--shard-size", "8", "--out", str(out),
+               "--no-cache"]  # fmt: skip
     planted = {**ENV, "PYTHONPATH": os.pathsep.join([str(hook), ENV.get("PYTHONPATH", "")])}
     killed = subprocess.run(command, env=planted, capture_output=True, text=True, timeout=300)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
@@ -81,7 +82,9 @@ def test_sigkill_mid_run_then_rerun_equals_uninterrupted(image_folder: Path, tin
         load_embeddings(out)
     before = _stamps(out)
     assert {name.split("/")[1] for name in before} == {"00000", "00001", "00002"}  # two whole, one torn
-    rerun = subprocess.run(command, env={**ENV, "HEADSTART_QUIET": "0", "COLUMNS": "300"}, capture_output=True, text=True, timeout=300)
+    rerun = subprocess.run(
+        command, env={**ENV, "HEADSTART_QUIET": "0", "COLUMNS": "300"}, capture_output=True, text=True, timeout=300
+    )
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert "2 complete shards kept from an earlier run" in rerun.stdout and "14 computed" in rerun.stdout
     assert "shards/00002 is incomplete" in " ".join(rerun.stderr.split())  # the torn shard is named, then recomputed
@@ -151,7 +154,9 @@ def test_old_single_file_folders_still_load(tmp_path: Path) -> None:
     matrix = np.arange(12, dtype=np.float32).reshape(3, 4)
     buffer, text = io.BytesIO(), io.StringIO()
     np.save(buffer, matrix)
-    csv.writer(text).writerows([["path", "label", "split", "digest"], *[[f"/x/{i}.jpg", "", "", "d"] for i in range(3)]])
+    csv.writer(text).writerows(
+        [["path", "label", "split", "digest"], *[[f"/x/{i}.jpg", "", "", "d"] for i in range(3)]]
+    )
     write_files(tmp_path, {"embeddings.npy": buffer.getvalue(), "ids.csv": text.getvalue().encode(),
                            "meta.json": json.dumps({"shape": [3, 4]}).encode()})  # fmt: skip
     loaded, rows, _ = load_embeddings(tmp_path)
@@ -166,11 +171,11 @@ def test_index_from_shards_equals_index_in_memory(kind: str, image_folder: Path,
     params = {"nlist": 4, "nprobe": 4} if kind == "ivf" else None
     common = {"backbone": "tiny_cnn", "weights": str(tiny_weights), "precision": "fp32", "kind": kind,
               "params": params}  # fmt: skip
-    streamed, _ = build_index(image_folder, tmp_path / "streamed", cache_dir=str(tmp_path / "c"), shard_size=8,
+    _streamed, _ = build_index(image_folder, tmp_path / "streamed", cache_dir=str(tmp_path / "c"), shard_size=8,
                               **common)  # type: ignore[arg-type]  # fmt: skip
     assert (tmp_path / "streamed" / "embeddings" / "shards" / "00003").is_dir()
     # in memory: the embeddings of the same images, added at once
-    matrix, rows, meta = load_embeddings(tmp_path / "streamed" / "embeddings")
+    matrix, rows, _meta = load_embeddings(tmp_path / "streamed" / "embeddings")
     whole = ImageIndex(matrix.shape[1], kind, params, {})
     whole.add(matrix, [(r["path"], r["label"], r["digest"]) for r in rows])
     loaded = ImageIndex.load(tmp_path / "streamed")
