@@ -190,9 +190,9 @@ def test_embeddings_are_written_with_checksums(image_folder: Path, tiny_weights:
                  str(out), "--cache-dir", str(tmp_path / "cache")]) == 0  # fmt: skip
     matrix, rows, meta = load_embeddings(out)
     assert matrix.shape == (30, meta["shape"][1]) and len(rows) == 30 and rows[0]["label"]
-    ids = out / "ids.csv"
+    ids = out / "shards" / "00000" / "rows.csv"
     ids.write_bytes(ids.read_bytes().replace(b"horizontal", b"vertical__", 1))  # a relabelled row, same length
-    with pytest.raises(IntegrityError, match=r"ids\.csv was modified.*headstart embed"):
+    with pytest.raises(IntegrityError, match=r"rows\.csv was modified.*headstart embed"):
         load_embeddings(out)
 
 

@@ -159,23 +159,37 @@ def one_and_two_processes(command: list[str], tmp_path: Path) -> str:
     single = subprocess.run([sys.executable, "-m", "headstart", *command, "--out", str(tmp_path / "one"),
                              "--cache-dir", str(tmp_path / "c1")], capture_output=True, text=True, env=env)  # fmt: skip
     assert single.returncode == 0, single.stderr[-2000:]
-    multi = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "headstart", *command, "--out",
-                            str(tmp_path / "two"), "--cache-dir", str(tmp_path / "c2")],
-                           capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
-    assert multi.returncode == 0, multi.stderr[-3000:]
-    return multi.stdout
+    # In its own process group: a hang past the timeout kills torchrun and every rank, and fails the test.
+    multi = subprocess.Popen([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "headstart", *command, "--out",
+                              str(tmp_path / "two"), "--cache-dir", str(tmp_path / "c2")], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)  # fmt: skip
+    try:
+        stdout, stderr = multi.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(multi.pid, 9)
+        stdout, stderr = multi.communicate()
+        pytest.fail(f"torchrun {' '.join(command[:2])} did not finish within 300 s (a rank hangs):\n{stderr[-3000:]}")
+    assert multi.returncode == 0, stderr[-3000:]
+    return stdout
 
 
 def test_embed_shards_across_two_processes_and_merges_in_order(image_folder: Path, tiny_weights: Path,
                                                                 tmp_path: Path) -> None:  # fmt: skip
     import numpy as np
 
-    one_and_two_processes(["embed", str(image_folder), "--backbone", "tiny_cnn", "--weights", str(tiny_weights),
-                           "--precision", "fp32"], tmp_path)  # fmt: skip
-    one, two = np.load(tmp_path / "one" / "embeddings.npy"), np.load(tmp_path / "two" / "embeddings.npy")
+    from headstart.features.embeddings import load_embeddings
+
+    out = one_and_two_processes(["embed", str(image_folder), "--backbone", "tiny_cnn", "--weights", str(tiny_weights),
+                                 "--precision", "fp32", "--shard-size", "8"], tmp_path)  # fmt: skip
+    assert out.count("wrote 30 x 64 embeddings") == 1  # rank 0 reports
+    (one, rows_one, _), (two, rows_two, meta) = load_embeddings(tmp_path / "one"), load_embeddings(tmp_path / "two")
     assert one.shape == two.shape == (30, 64)
     np.testing.assert_allclose(two, one, rtol=0, atol=1e-5)
-    assert (tmp_path / "one" / "ids.csv").read_text() == (tmp_path / "two" / "ids.csv").read_text()
+    assert rows_one == rows_two  # the shards, read in order, are the input order
+    # each rank wrote its own shards (shard k on rank k % 2), nothing was gathered into one process
+    ranks = [json.loads((tmp_path / "two" / "shards" / s["name"] / "shard.json").read_text())["rank"]
+             for s in meta["shards"]]  # fmt: skip
+    assert ranks == [0, 1, 0, 1]
     # each rank computed and cached its own share: together, every image once
     assert len(list((tmp_path / "c2").rglob("*.f32"))) == 30
 
@@ -186,7 +200,7 @@ def test_index_build_shards_across_two_processes(image_folder: Path, tiny_weight
     from headstart.features.retrieval import ImageIndex
 
     out = one_and_two_processes(["index", "build", str(image_folder), "--backbone", "tiny_cnn", "--weights",
-                                 str(tiny_weights), "--precision", "fp32"], tmp_path)  # fmt: skip
+                                 str(tiny_weights), "--precision", "fp32", "--shard-size", "8"], tmp_path)  # fmt: skip
     assert out.count("indexed 30 images") == 1  # one rank reports (and writes)
     one, two = ImageIndex.load(tmp_path / "one"), ImageIndex.load(tmp_path / "two")
     assert len(one) == len(two) == 30
@@ -194,3 +208,5 @@ def test_index_build_shards_across_two_processes(image_folder: Path, tiny_weight
     np.testing.assert_allclose(two.vectors(ids), one.vectors(ids), rtol=0, atol=1e-5)
     assert one.items == two.items  # same (path, label, digest) under the same ids: merged in input order
     assert len(list((tmp_path / "c2").rglob("*.f32"))) == 30  # each rank embedded its share, every image once
+    shards = sorted((tmp_path / "two" / "embeddings" / "shards").iterdir())
+    assert [json.loads((s / "shard.json").read_text())["rank"] for s in shards] == [0, 1, 0, 1]

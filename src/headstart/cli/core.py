@@ -101,8 +101,11 @@ def _add_other_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("inputs", nargs="+", help="a dataset (folder/CSV), or image files and folders")
     p.add_argument("--backbone", default="efficientnet_lite0", help="registry name, or a run folder's model")
     p.add_argument("--weights", help="weights file for the backbone")
-    p.add_argument("--out", default="embeddings", help="output folder (embeddings.npy + ids.csv + meta.json)")
+    p.add_argument("--out", default="embeddings", help="output folder (meta.json + shards/NNNNN/: vectors.npy, "
+                   "rows.csv); run the same command again to finish an interrupted run")  # fmt: skip
     p.add_argument("--normalize", action="store_true", help="L2-normalise rows")
+    p.add_argument("--shard-size", type=int, default=100_000, help="images per shard, each written whole as soon "
+                   "as it is computed (default 100000)")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
     p.add_argument("--no-cache", action="store_true", help="neither read nor fill the feature cache")
@@ -243,7 +246,7 @@ def _embed(args: argparse.Namespace) -> int:
     from headstart.features.embeddings import write_embeddings
     from headstart.hardware import launch_rank
 
-    out = write_embeddings(
+    run = write_embeddings(
         args.inputs,
         Path(args.out),
         backbone=args.backbone,
@@ -253,14 +256,16 @@ def _embed(args: argparse.Namespace) -> int:
         precision=args.precision,
         use_cache=not args.no_cache,
         cache_dir=args.cache_dir,
+        shard_size=args.shard_size,
     )
     if launch_rank() != 0:
-        return 0  # every rank of a multi-process launch embedded its share; rank 0 wrote and reports
+        return 0  # every rank of a multi-process launch wrote its shards; rank 0 wrote meta.json and reports
+    kept = f", {run.kept} complete shard{'s' if run.kept != 1 else ''} kept from an earlier run" if run.kept else ""
     print(
-        f"wrote {out.features.shape[0]} x {out.features.shape[1]} embeddings to {args.out} "
-        f"({out.hits} from cache, {out.computed} computed, {len(out.failed)} unreadable)"
+        f"wrote {run.rows} x {run.dim} embeddings to {args.out} in {run.shards} shard{'s' if run.shards != 1 else ''}"
+        f" ({run.hits} from cache, {run.computed} computed, {len(run.failed)} unreadable{kept})"
     )
-    for path, reason in out.failed:
+    for path, reason in run.failed:
         print(f"skipped {path}: {reason}", file=sys.stderr)
     return 0
 

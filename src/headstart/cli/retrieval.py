@@ -45,8 +45,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("index", help="build, grow, shrink or evaluate an image retrieval index")
     actions = p.add_subparsers(dest="action", required=True)
     a = actions.add_parser("build", help="embed images (through the cache) into a FAISS index")
-    a.add_argument("data", nargs="+", help="a dataset folder/CSV (labels kept), or image files and folders")
+    a.add_argument("data", nargs="*", help="a dataset folder/CSV (labels kept), or image files and folders")
     a.add_argument("--out", required=True, help="index folder to write")
+    a.add_argument("--embeddings", help="build from this `headstart embed` folder (its backbone), embedding nothing")
+    a.add_argument("--shard-size", type=int, default=100_000, help="images per embedding shard in OUT/embeddings "
+                   "(default 100000); run the same command again to finish an interrupted build")  # fmt: skip
     a.add_argument("--backbone", default="efficientnet_lite0", help="registry name, ae:RUN or run:RUN")
     a.add_argument("--weights", help="weights file for the backbone")
     a.add_argument("--index", dest="kind", default="flat", choices=["flat", "ivf", "hnsw"],
@@ -140,10 +143,13 @@ def _index_build(args: argparse.Namespace) -> int:
     from headstart.features.retrieval import build_index
 
     given = {"nlist": args.nlist, "nprobe": args.nprobe, "m": args.hnsw_m, "ef_search": args.ef_search}
+    if bool(args.data) == bool(args.embeddings):
+        raise ValueError("give images to index, or --embeddings DIR (a `headstart embed` folder), not both")
     index, failed = build_index(
-        args.data if len(args.data) > 1 else args.data[0], args.out, backbone=args.backbone, weights=args.weights,
-        kind=args.kind, params={k: v for k, v in given.items() if v is not None}, batch_size=args.batch_size,
-        precision=args.precision, cache_dir=args.cache_dir, overwrite=args.overwrite,
+        (args.data if len(args.data) > 1 else args.data[0]) if args.data else None, args.out, backbone=args.backbone,
+        weights=args.weights, kind=args.kind, params={k: v for k, v in given.items() if v is not None},
+        batch_size=args.batch_size, precision=args.precision, cache_dir=args.cache_dir, overwrite=args.overwrite,
+        shard_size=args.shard_size, embeddings=args.embeddings,
     )  # fmt: skip
     from headstart.hardware import distributed
 

@@ -7,13 +7,12 @@ Every entry carries a CRC-32; a corrupt one is detected, deleted and recomputed,
 
 from __future__ import annotations
 
-import csv
 import functools
 import hashlib
-import io
 import json
 import os
 import struct
+import time
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -24,17 +23,33 @@ import numpy as np
 import torch
 
 from headstart import progress
-from headstart.checksums import read_verified, write_files
+from headstart.checksums import write_files
 from headstart.data.scan import ImageRecord, content_digest
 from headstart.errors import IntegrityError, StorageError
 from headstart.features.inference import run_model
+from headstart.features.shards import (
+    DEFAULT_SHARD_SIZE,
+    FORMAT,
+    IDS_FILE,
+    MATRIX_FILE,
+    META_FILE,
+    REMEDY,
+    SHARD_FILE,
+    SHARDS_DIR,
+    digest_of,
+    iter_embedding_shards,
+    read_meta,
+    read_shard,
+    read_shard_info,
+    shard_name,
+    write_shard,
+)  # fmt: skip
 from headstart.files import atomic_write_bytes, default_cache_root
 from headstart.hardware import distributed, pick_device, resolve_precision
 from headstart.models.backbones import Backbone
 from headstart.models.prepared import PreparedBackbone, load_backbone
 
 _CRC = struct.Struct("<I")
-MATRIX_FILE, IDS_FILE, META_FILE = "embeddings.npy", "ids.csv", "meta.json"  # what `headstart embed` writes
 
 
 class FeatureCache:
@@ -317,6 +332,21 @@ def dataset_or_files(
     return as_records(files), [""] * len(files), []
 
 
+@dataclass
+class EmbedRun:
+    """What :func:`write_embeddings` did: the folder's totals and this run's share of the work."""
+
+    folder: Path
+    rows: int  # embedding rows in the folder (images that could be read)
+    dim: int
+    shards: int  # shards in the folder
+    kept: int  # complete, verified shards an earlier (interrupted) run had written, not computed again
+    hits: int  # images of the shards computed now that came from the feature cache
+    computed: int  # images of the shards computed now that ran through the network
+    failed: list[tuple[Path, str]] = field(default_factory=list)  # unreadable files of the whole folder
+    notes: list[str] = field(default_factory=list)  # damaged shards recomputed, cache problems
+
+
 def write_embeddings(
     inputs: Sequence[str | os.PathLike[str]],
     out: Path,
@@ -327,83 +357,164 @@ def write_embeddings(
     precision: str = "auto",
     use_cache: bool = True,
     cache_dir: str | None = None,
-) -> Embeddings:
-    """Embed a dataset or image files and write ``embeddings.npy``, ``ids.csv`` and ``meta.json`` into ``out``.
+    shard_size: int = DEFAULT_SHARD_SIZE,
+    workers: int = -1,
+) -> EmbedRun:
+    """Embed a dataset or image files into ``out`` shard by shard (see :mod:`headstart.features.shards`).
 
-    Under ``torchrun``/``accelerate launch`` the images are sharded across the processes and merged in input order;
-    rank 0 writes the files.
+    Shard ``k`` holds input records ``[k * shard_size, (k + 1) * shard_size)`` less the unreadable ones, and is
+    written whole as soon as it is computed, so memory holds one shard and a killed run loses at most the shard it
+    was in. Run again with the same inputs and settings, it keeps every complete, verified shard and computes the
+    rest; a torn or corrupt shard is named in a note and computed again. ``meta.json`` comes last.
 
-    ``ids.csv`` has one row per embedding row: ``path,label,split,digest`` (label empty when unknown). The three are
-    written together, with their checksums in ``checksums.json``; :func:`load_embeddings` reads them back, checked.
+    Under ``torchrun``/``accelerate launch`` rank ``r`` computes the shards with ``k % world == r`` and writes them
+    itself (no process ever holds all vectors); after all ranks are done, rank 0 writes ``meta.json``.
+
+    :func:`load_embeddings` reads the folder back as one matrix, :func:`iter_embedding_shards` one shard at a time.
+
+    Args:
+        inputs: a dataset folder/CSV (labels and splits kept), or image files and folders.
+        out: the embeddings folder.
+        backbone: registry name.
+        weights: weights file for the backbone.
+        l2_normalize: store unit-length rows.
+        batch_size: images per forward pass.
+        precision: ``auto``, ``bf16`` or ``fp32``.
+        use_cache: read and fill the feature cache (which also keeps the finished batches of a killed shard).
+        cache_dir: cache root.
+        shard_size: input records per shard.
+        workers: worker processes per rank, as for :func:`embed` (none for a shard under 64 images: starting them
+            would cost more than they save).
     """
+    from headstart.hardware import single_process
     from headstart.models.backbones import create_backbone
 
+    if shard_size < 1:
+        raise ValueError(f"--shard-size must be at least 1, got {shard_size}")
+    out = Path(out)
     root = default_cache_root(cache_dir)
     records, splits, classes = dataset_or_files(inputs, root if use_cache else None)
     # With the cache on, the stored description serves: the network is built only for images not in the cache.
     model = load_backbone(backbone, weights, root) if use_cache else create_backbone(backbone, weights=weights)
-    _, rank = distributed()  # before picking the device: a GPU launch gives each rank its own card
+    world, rank = distributed()  # before picking the device: a GPU launch gives each rank its own card
     device = pick_device()
     resolved = resolve_precision(precision, device)
-    result = embed(
-        model, records, batch_size=batch_size, precision=resolved, device=device, use_cache=use_cache,
-        cache_root=root, l2_normalize=l2_normalize,
-    )  # fmt: skip
-    if rank != 0:
-        return result  # every rank holds the merged result; one writes it
-    rows = io.StringIO()
-    writer = csv.writer(rows)
-    writer.writerow(["path", "label", "split", "digest"])
-    for i in result.index:
-        r = records[i]
-        writer.writerow([str(r.path), classes[r.label] if r.label >= 0 and classes else "", splits[i], r.digest])
-    meta = {
-        "backbone": model.name,
-        "weights_source": model.weights_source,
-        "fingerprint": model.fingerprint(),
-        "preprocessing": model.preprocessing.to_dict(),
-        "precision": resolved,
-        "l2_normalized": l2_normalize,
-        "shape": list(result.features.shape),
-        "classes": classes,
-        "failed": [[str(p), why] for p, why in result.failed],
-    }
-    matrix = io.BytesIO()
-    np.save(matrix, result.features, allow_pickle=False)
-    files = {
-        MATRIX_FILE: matrix.getvalue(),
-        IDS_FILE: rows.getvalue().encode(),
-        META_FILE: json.dumps(meta, indent=2).encode(),
-    }
-    write_files(out, files)  # with their checksums: read them back with load_embeddings
-    return result
+    settings = {"fingerprint": model.fingerprint(), "preprocessing": model.preprocessing.to_dict(),
+                "precision": resolved, "l2_normalized": l2_normalize}  # fmt: skip
+    key = digest_of([json.dumps(settings, sort_keys=True)])
+    described = [_row(r, splits[i], classes) for i, r in enumerate(records)]
+    count = max(1, -(-len(records) // shard_size))
+    kept = hits = computed = 0
+    notes: list[str] = []
+    for k in range(rank, count, world):
+        start, stop = k * shard_size, min((k + 1) * shard_size, len(records))
+        source = digest_of(["\0".join(row) for row in described[start:stop]])
+        name = shard_name(k)
+        try:
+            info = read_shard_info(out, name)
+            if (info.start, info.stop, info.source, info.key) == (start, stop, source, key):
+                read_shard(out, name, info.rows)  # every byte checked, not only the description
+                kept += 1
+                continue
+            notes.append(f"shard {out / SHARDS_DIR / name} was made from other images or settings; computed again")
+        except FileNotFoundError:
+            pass
+        except IntegrityError as error:
+            notes.append(f"{error} -- computing it again")
+            progress.log(f"[yellow]{notes[-1]}")  # at once: the user sees which shard was damaged before waiting
+        tic, began = time.perf_counter(), time.time()
+        with single_process():  # this rank's shard alone: no collective inside
+            result = embed(model, records[start:stop], batch_size=batch_size, precision=resolved, device=device,
+                           use_cache=use_cache, cache_root=root, l2_normalize=l2_normalize,
+                workers=workers if stop - start >= 64 else 0,
+                           description=f"shard {k + 1}/{count}")  # fmt: skip
+        rows = [described[start + int(i)] for i in result.index]
+        seconds = time.perf_counter() - tic
+        write_shard(out, k, result.features, rows, {
+            "start": start, "stop": stop, "source": source, "key": key,
+            "failed": [[str(p), why] for p, why in result.failed], "rank": rank, "began": began,
+            "finished": time.time(), "seconds": seconds, "hits": result.hits, "computed": result.computed,
+        })  # fmt: skip
+        hits, computed = hits + result.hits, computed + result.computed
+        progress.log(f"shard {k + 1}/{count} written: {len(rows)} rows, {(stop - start) / max(seconds, 1e-9):.1f} "
+                     f"images/s")  # fmt: skip
+    if world > 1:  # every rank's shards are on the disk once this returns
+        import torch.distributed as dist
+
+        everyone: list[Any] = [None] * world
+        dist.all_gather_object(everyone, (kept, hits, computed, notes))
+        kept, hits, computed = (sum(part[i] for part in everyone) for i in range(3))
+        notes = [note for part in everyone for note in part[3]]
+    run = _finish(out, count, model, weights, settings, classes, rank == 0)
+    if world > 1:  # no rank returns before meta.json exists: the caller may read the folder next
+        import torch.distributed as dist
+
+        dist.barrier()
+    return EmbedRun(out, run[0], run[1], count, kept, hits, computed, run[2], notes)
+
+
+def _row(record: ImageRecord, split: str, classes: Sequence[str]) -> tuple[str, str, str, str]:
+    label = classes[record.label] if 0 <= record.label < len(classes) else ""
+    return str(record.path), label, split, record.digest
+
+
+def _finish(out: Path, count: int, model: Backbone | PreparedBackbone, weights: str | None, settings: dict[str, Any],
+            classes: list[str], write: bool) -> tuple[int, int, list[tuple[Path, str]]]:  # fmt: skip
+    """Read every shard's description (all ranks wrote theirs) and, when ``write``, write ``meta.json``; returns
+    (rows, dimension, failed files)."""
+    import shutil
+
+    entries: list[dict[str, Any]] = []
+    failed: list[tuple[Path, str]] = []
+    rows = 0
+    for k in range(count):
+        name = shard_name(k)
+        info = read_shard_info(out, name)
+        raw = (out / SHARDS_DIR / name / SHARD_FILE).read_bytes()
+        entries.append({"name": name, "start": info.start, "stop": info.stop, "rows": info.rows,
+                        "sha256": hashlib.sha256(raw).hexdigest()})  # fmt: skip
+        failed += [(Path(p), why) for p, why in info.failed]
+        rows += info.rows
+    dim = model.num_features
+    if write:
+        for stale in sorted((out / SHARDS_DIR).iterdir()):  # shards of a longer input, run before this one
+            if stale.is_dir() and stale.name.isdigit() and int(stale.name) >= count:
+                shutil.rmtree(stale)
+        meta = {
+            "format": FORMAT,
+            "backbone": model.name,
+            "weights": weights,
+            "weights_source": model.weights_source,
+            **settings,
+            "shape": [rows, dim],
+            "classes": classes,
+            "failed": [[str(p), why] for p, why in failed],
+            "shard_size": entries[0]["stop"] - entries[0]["start"] if count > 1 else None,
+            "shards": entries,
+        }
+        write_files(out, {META_FILE: json.dumps(meta, indent=2).encode()})
+        for old in (MATRIX_FILE, IDS_FILE):  # a format-1 folder written over: its matrix no longer belongs
+            (out / old).unlink(missing_ok=True)
+    return rows, dim, failed
 
 
 def load_embeddings(folder: str | os.PathLike[str]) -> tuple[np.ndarray, list[dict[str, str]], dict[str, Any]]:
-    """Read what ``headstart embed`` wrote: the matrix, one ``ids.csv`` row per matrix row, and ``meta.json``.
+    """Read what ``headstart embed`` wrote, whole: the matrix, one row description per matrix row, and ``meta.json``.
 
-    Every file is checked against the folder's ``checksums.json`` and the three against each other.
+    Sharded folders are concatenated (for collections that fit in memory; :func:`iter_embedding_shards` streams the
+    others); folders written before shards existed are read as they were. Every file is checked against its
+    ``checksums.json`` and the files against each other.
 
     Raises:
-        IntegrityError: a file is missing, truncated or modified, or the files disagree.
+        IntegrityError: a file or shard is missing, truncated or modified, the files disagree, or the folder is from a
+            newer headstart; the message names the file and what to do.
     """
-    root = Path(folder)
-    remedy = "write the embeddings again with `headstart embed`"
-    try:
-        matrix = np.load(io.BytesIO(read_verified(root, MATRIX_FILE, remedy)), allow_pickle=False)
-        rows = list(csv.DictReader(io.StringIO(read_verified(root, IDS_FILE, remedy).decode())))
-        meta = json.loads(read_verified(root, META_FILE, remedy))
-    except FileNotFoundError as error:
-        raise FileNotFoundError(
-            f"{error.filename} not found; is {root} a folder written by `headstart embed`?"
-        ) from error
-    except IntegrityError:
-        raise
-    except (ValueError, EOFError) as error:  # a folder without checksums: numpy, csv and json find the damage
-        raise IntegrityError(f"{root}: unreadable embeddings ({type(error).__name__}: {error}); {remedy}") from error
-    if matrix.ndim != 2 or len(rows) != matrix.shape[0] or list(matrix.shape) != meta.get("shape", list(matrix.shape)):
-        raise IntegrityError(
-            f"{root}: {MATRIX_FILE} holds {list(matrix.shape)}, {IDS_FILE} {len(rows)} rows and {META_FILE} says "
-            f"{meta.get('shape')}: the files do not belong together; {remedy}"
-        )
+    meta = read_meta(Path(folder))
+    parts = list(iter_embedding_shards(Path(folder)))
+    dim = int(meta["shape"][1])
+    matrix = np.concatenate([v for v, _ in parts]) if parts else np.zeros((0, dim), dtype=np.float32)
+    rows = [row for _, shard_rows in parts for row in shard_rows]
+    if list(matrix.shape) != list(meta["shape"]):
+        raise IntegrityError(f"{Path(folder)}: the shards hold {list(matrix.shape)} embeddings, {META_FILE} says "
+                             f"{meta['shape']}; {REMEDY}")  # fmt: skip
     return matrix, rows, meta

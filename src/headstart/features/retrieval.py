@@ -40,9 +40,9 @@ from headstart.checksums import verify, write_files
 from headstart.data.scan import ImageRecord, collect_files
 from headstart.data.transforms import Preprocessing
 from headstart.errors import ConfigError, DataError, IntegrityError
-from headstart.features.embeddings import as_records, dataset_or_files, embed
-from headstart.files import default_cache_root
-from headstart.hardware import distributed, pick_device, resolve_precision
+from headstart.features.embeddings import as_records, embed
+from headstart.features.shards import DEFAULT_SHARD_SIZE
+from headstart.hardware import distributed, pick_device
 from headstart.models.backbones import DEFAULT_BACKBONE, Backbone, create_backbone
 
 FORMAT_VERSION = 1
@@ -175,14 +175,25 @@ class ImageIndex:
         if len(rows) != len(x):
             raise ValueError(f"{len(x)} vectors but {len(rows)} item descriptions")
         if self.index is None:
-            self.params = {**default_params(self.kind, len(x)), **self.params}
-            self.index = _make_faiss(self.kind, self.dim, self.params, x)
+            self.train(x)
+        assert self.index is not None
         ids = np.arange(self.next_id, self.next_id + len(x), dtype=np.int64)
         self.index.add_with_ids(x, ids)
         for i, (path, label, digest) in zip(ids.tolist(), rows, strict=True):
             self.items[i] = Item(i, str(path), str(label), str(digest))
         self.next_id += len(x)
         return ids
+
+    def train(self, sample: np.ndarray, count: int | None = None) -> None:
+        """Create the FAISS index, its parameters chosen for ``count`` vectors (default: the sample's size), and train
+        it on ``sample`` (IVF lists; flat and HNSW learn nothing). Called by the first :meth:`add` when not before.
+
+        Streaming a collection in (see :func:`build_index`) trains on a sample drawn across it first, then adds it
+        shard by shard.
+        """
+        x = _unit(sample) if len(sample) else np.zeros((0, self.dim), dtype=np.float32)
+        self.params = {**default_params(self.kind, len(x) if count is None else count), **self.params}
+        self.index = _make_faiss(self.kind, self.dim, self.params, x)
 
     def search(self, queries: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
         """The ``k`` most similar indexed vectors per query: (scores [Q, k], ids [Q, k]), best first.
@@ -379,8 +390,12 @@ def _embed(backbone: Backbone, records: Sequence[ImageRecord], meta: dict[str, A
     return out.features, out.index, out.failed
 
 
+TRAIN_ROWS = 50_000  # IVF training sample drawn across the shards: 79 rows per list at 100,000 vectors (nlist 632)
+EMBEDDINGS_DIR = "embeddings"  # inside an index folder: the shards `index build` embedded
+
+
 def build_index(
-    data: Sequence[str | os.PathLike[str]] | str | os.PathLike[str],
+    data: Sequence[str | os.PathLike[str]] | str | os.PathLike[str] | None,
     out: str | Path,
     backbone: str = DEFAULT_BACKBONE,
     weights: str | None = None,
@@ -390,15 +405,23 @@ def build_index(
     precision: str = "auto",
     cache_dir: str | None = None,
     overwrite: bool = False,
+    shard_size: int = DEFAULT_SHARD_SIZE,
+    embeddings: str | Path | None = None,
 ) -> tuple[ImageIndex, list[tuple[Path, str]]]:
-    """Embed a dataset (every split) or image files through the feature cache and write an index folder.
+    """Embed a dataset (every split) or image files into shards, then stream the shards into an index folder.
 
-    Under ``torchrun``/``accelerate launch`` each process embeds its share of the images (see
-    :func:`headstart.features.embeddings.embed`), every process receives all vectors in input order, and rank 0
-    alone builds and writes the index; the others return the same index unsaved.
+    The images are embedded through the feature cache into ``out/embeddings/`` (see
+    :func:`headstart.features.embeddings.write_embeddings`: resumable, shard by shard), or read from an existing
+    ``headstart embed`` folder given as ``embeddings`` (nothing is embedded; its backbone and settings are the
+    index's). The index is then trained on at most :data:`TRAIN_ROWS` vectors drawn across the shards and filled
+    shard by shard: memory holds one shard of embeddings besides the index itself.
+
+    Under ``torchrun``/``accelerate launch`` each process embeds and writes its own shards; rank 0 alone builds and
+    writes the index, and the others return it empty.
 
     Args:
-        data: a labelled dataset folder or CSV (labels are kept for evaluation), or image files and folders.
+        data: a labelled dataset folder or CSV (labels are kept for evaluation), or image files and folders; None
+            with ``embeddings``.
         out: index folder to write.
         backbone: registry name, ``ae:RUN`` or ``run:RUN``.
         weights: weights file for the backbone.
@@ -407,34 +430,47 @@ def build_index(
         batch_size: images per forward pass.
         precision: ``auto``, ``bf16`` or ``fp32`` for the embedding network.
         cache_dir: feature cache root.
-        overwrite: replace an existing index folder.
+        overwrite: replace an existing index folder (complete embedding shards inside it are kept).
+        shard_size: images per embedding shard.
+        embeddings: build from this ``headstart embed`` folder instead of embedding ``data``.
 
     Returns:
         The index and the files that could not be read.
     """
+    from headstart.features.embeddings import write_embeddings
+    from headstart.features.shards import iter_embedding_shards, read_meta, sample_vectors
+
     folder = Path(out)
     if (folder / META_FILE).exists() and not overwrite:
         raise FileExistsError(f"index folder {folder} already exists; pass --overwrite or choose another --out")
-    inputs = [data] if isinstance(data, (str, os.PathLike)) else list(data)
-    records, _, classes = dataset_or_files(inputs, default_cache_root(cache_dir))
-    if not records:
-        raise DataError(f"no images found in {[str(i) for i in inputs]}")
-    _, rank = distributed()  # before picking the device: a GPU launch gives each rank its own card
-    model = _backbone(backbone, weights)
-    meta = {
-        "backbone": model.name,
-        "weights": weights,
-        "weights_source": model.weights_source,
-        "fingerprint": model.fingerprint(),
-        "preprocessing": model.preprocessing.to_dict(),
-        "precision": resolve_precision(precision, pick_device()),
-        "classes": classes,
-    }
-    vectors, rows, failed = _embed(model, records, meta, batch_size, cache_dir)
-    index = ImageIndex(model.num_features, kind, params, meta)
-    index.add(vectors, [_describe(records[i], classes) for i in rows])
-    if rank == 0:
-        index.save(folder)
+    if embeddings is None:
+        if data is None:
+            raise ValueError("give images to index, or an embeddings folder (--embeddings DIR)")
+        inputs = [data] if isinstance(data, (str, os.PathLike)) else list(data)
+        source = folder / EMBEDDINGS_DIR
+        run = write_embeddings(inputs, source, backbone, weights, batch_size=batch_size, precision=precision,
+                               cache_dir=cache_dir, shard_size=shard_size)  # fmt: skip
+        failed = run.failed
+        if not run.rows and not failed:
+            raise DataError(f"no images found in {[str(i) for i in inputs]}")
+    else:
+        source = Path(embeddings)
+        failed = []
+    described = read_meta(source)
+    failed = failed or [(Path(p), why) for p, why in described.get("failed", [])]
+    meta = {key: described.get(key) for key in ("backbone", "weights", "weights_source", "fingerprint",
+                                                 "preprocessing", "precision")}  # fmt: skip
+    meta["classes"] = described.get("classes", [])
+    total, dim = (int(n) for n in described["shape"])
+    index = ImageIndex(dim, kind, params, meta)
+    if distributed()[1] != 0:
+        return index, failed  # rank 0 builds from the shards every rank wrote
+    sample = sample_vectors(source, TRAIN_ROWS) if kind == "ivf" else np.zeros((0, dim), dtype=np.float32)
+    index.train(sample, total)
+    del sample
+    for vectors, rows in iter_embedding_shards(source):
+        index.add(vectors, [(r["path"], r["label"], r["digest"]) for r in rows])
+    index.save(folder)
     return index, failed
 
 
