@@ -109,6 +109,30 @@ def verify(folder: Path, name: str, data: bytes, remedy: str) -> bool:
     raise IntegrityError(f"{path} {problem}; {remedy}")
 
 
+def verify_file(folder: Path, name: str, remedy: str) -> bool:
+    """Check ``folder/name`` against the manifest without reading it into memory (hashed from a memory map, for
+    files larger than RAM); False when the manifest does not list the file.
+
+    Raises:
+        IntegrityError: the file is missing, truncated or modified, or the manifest is damaged.
+    """
+    accepted = _read(folder, strict=True, remedy=remedy).get(name)
+    if not accepted:
+        return False
+    path = folder / name
+    if not path.is_file():
+        raise IntegrityError(f"{path} is missing (it is listed in {folder / MANIFEST}); {remedy}")
+    size = path.stat().st_size
+    if any(size == e["size"] for e in accepted) and _checksum(path) in accepted:
+        return True
+    expected = int(accepted[0]["size"])
+    if size != expected:
+        problem = f"is truncated or replaced ({size:,} bytes where {expected:,} were written)"
+    else:
+        problem = f"was modified after it was written (its SHA-256 differs from the one in {folder / MANIFEST})"
+    raise IntegrityError(f"{path} {problem}; {remedy}")
+
+
 def _checksum(path: Path) -> dict[str, Any]:
     """SHA-256 and size of a file, hashed from a memory map (no copy of a large file in memory)."""
     size = path.stat().st_size

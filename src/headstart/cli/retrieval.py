@@ -52,8 +52,16 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    "(default 100000); run the same command again to finish an interrupted build")  # fmt: skip
     a.add_argument("--backbone", default="efficientnet_lite0", help="registry name, ae:RUN or run:RUN")
     a.add_argument("--weights", help="weights file for the backbone")
-    a.add_argument("--index", dest="kind", default="flat", choices=["flat", "ivf", "hnsw"],
-                   help="flat: exact (default); ivf or hnsw: approximate, for large collections")  # fmt: skip
+    a.add_argument("--index", dest="kind", default="flat",
+                   choices=["auto", "flat", "ivf", "hnsw", "sq8", "ivfsq8", "ivfpq", "opq"],
+                   help="flat: exact (default); ivf or hnsw: approximate, full vectors; sq8/ivfsq8 (1 byte per "
+                   "dimension), ivfpq/opq (PQ codes of a few dozen bytes): compressed, for collections past memory; "
+                   "auto: chosen from the collection's size and --memory-budget")  # fmt: skip
+    a.add_argument("--memory-budget", help="memory the loaded index may take, e.g. 1GB or 500MB: picks the kind "
+                   "(with --index auto) and sizes the PQ codes; a budget no index fits is refused with the least one")
+    a.add_argument("--rerank", type=int, help="keep the exact vectors on disk (vectors.npy) and re-score RERANK x k "
+                   "candidates per query (default 10 for ivfpq/opq, 0 otherwise; 0 keeps no vectors)")
+    a.add_argument("--pq-m", type=int, help="PQ code bytes per vector for ivfpq/opq (a divisor of the dimension)")
     a.add_argument("--nlist", type=int, help="IVF lists (default about 2 sqrt(N))")
     a.add_argument("--nprobe", type=int, help="IVF lists searched per query (default 16)")
     a.add_argument("--hnsw-m", type=int, help="HNSW links per node (default 16)")
@@ -83,6 +91,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--weights", help="weights file for --backbone")
     p.add_argument("--json", dest="json_out", help="write results as JSON to this file ('-' for stdout)")
     p.add_argument("--sheet", help="write a contact sheet (PNG) of each query beside its results")
+    p.add_argument("--rerank", type=int, help="re-score RERANK x k candidates with the exact vectors (default: the "
+                   "index's own setting; needs an index built with vectors on disk)")
     p.add_argument("--cache-dir", help="feature cache folder")
 
 
@@ -142,14 +152,14 @@ def _index(args: argparse.Namespace) -> int:
 def _index_build(args: argparse.Namespace) -> int:
     from headstart.features.retrieval import build_index
 
-    given = {"nlist": args.nlist, "nprobe": args.nprobe, "m": args.hnsw_m, "ef_search": args.ef_search}
+    given = {"nlist": args.nlist, "nprobe": args.nprobe, "m": args.pq_m or args.hnsw_m, "ef_search": args.ef_search}
     if bool(args.data) == bool(args.embeddings):
         raise ValueError("give images to index, or --embeddings DIR (a `headstart embed` folder), not both")
     index, failed = build_index(
         (args.data if len(args.data) > 1 else args.data[0]) if args.data else None, args.out, backbone=args.backbone,
         weights=args.weights, kind=args.kind, params={k: v for k, v in given.items() if v is not None},
         batch_size=args.batch_size, precision=args.precision, cache_dir=args.cache_dir, overwrite=args.overwrite,
-        shard_size=args.shard_size, embeddings=args.embeddings,
+        shard_size=args.shard_size, embeddings=args.embeddings, memory_budget=args.memory_budget, rerank=args.rerank,
     )  # fmt: skip
     from headstart.hardware import distributed
 
@@ -198,7 +208,7 @@ def _search(args: argparse.Namespace) -> int:
     from headstart.features.retrieval import contact_sheet, search_images
 
     results, failed = search_images(args.index, args.queries, k=args.k, backbone=args.backbone,
-                                    weights=args.weights, cache_dir=args.cache_dir)  # fmt: skip
+                                    weights=args.weights, cache_dir=args.cache_dir, rerank=args.rerank)  # fmt: skip
     if args.json_out:
         rows = [{"query": str(r.query), "results": [{"id": item.id, "path": item.path, "label": item.label,
                  "score": score} for item, score in r.hits]} for r in results]  # fmt: skip

@@ -36,19 +36,30 @@ from typing import Any
 import faiss
 import numpy as np
 
-from headstart.checksums import verify, write_files
+from headstart.checksums import verify, verify_file, write_files
 from headstart.data.scan import ImageRecord, collect_files
 from headstart.data.transforms import Preprocessing
 from headstart.errors import ConfigError, DataError, IntegrityError
 from headstart.features.embeddings import as_records, embed
 from headstart.features.shards import DEFAULT_SHARD_SIZE
+from headstart.features.vectorstore import VectorStore
+from headstart.files import Content
 from headstart.hardware import distributed, pick_device
 from headstart.models.backbones import DEFAULT_BACKBONE, Backbone, create_backbone
 
-FORMAT_VERSION = 1
-KINDS = ("flat", "ivf", "hnsw")
-INDEX_FILE, ITEMS_FILE, META_FILE = "index.faiss", "items.csv", "meta.json"
+FORMAT_VERSION = 2  # 2: compressed kinds, vectors.npy, checksums.json only (1 kept sha256 sums in meta.json)
+READABLE_FORMATS = (1, 2)
+KINDS = ("flat", "ivf", "hnsw", "sq8", "ivfsq8", "ivfpq", "opq")
+IVF_KINDS = ("ivf", "ivfsq8", "ivfpq", "opq")
+PQ_KINDS = ("ivfpq", "opq")
+INDEX_FILE, ITEMS_FILE, META_FILE, VECTORS_FILE = "index.faiss", "items.csv", "meta.json", "vectors.npy"
 REBUILD = "rebuild the index with `headstart index build`"
+
+# The planner's memory model, bytes (checked against measured RSS by benchmarks/retrieval_scale.py).
+ID_BYTES = 56  # per vector: the stored 8-byte id plus its entry in the id -> position hash map (IDMap2, direct map)
+ITEM_BYTES = 200  # per vector: the Python record of its image (id, path, label, digest), short paths assumed
+EXACT_MAX = 100_000  # above this many vectors an exact scan (about 0.7 us per vector per query) is too slow
+MAX_PQ_M = 64  # largest PQ code, bytes: search cost grows with m while re-ranking already restores the recall
 
 
 class IndexFileError(IntegrityError):
@@ -59,7 +70,7 @@ class BackboneMismatchError(ConfigError):
     """A query embedded by a different network (or different weights) than the index."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Item:
     """One indexed image."""
 
@@ -69,13 +80,25 @@ class Item:
     digest: str  # content digest (as in the feature cache)
 
 
-def default_params(kind: str, n: int) -> dict[str, int]:
-    """Index parameters for ``n`` vectors.
+def _compressed_nlist(n: int) -> int:
+    # The power of two nearest sqrt(n): k-means training costs nlist^2 (40 points per list), search scans n/nlist
+    # codes per probed list; at 1M vectors 1,024 lists train in about a minute on 2 cores.
+    return max(1, min(2 ** round(math.log2(max(math.sqrt(max(n, 1)), 1))), n // 40))
+
+
+def default_params(kind: str, n: int, dim: int = 0) -> dict[str, int]:
+    """Index parameters for ``n`` vectors of ``dim`` dimensions (``dim`` is needed by the PQ kinds only).
 
     IVF: ``nlist`` about 2 sqrt(n) lists (the low end of FAISS's 1-16 sqrt(n) guideline, which keeps k-means
     training of 100,000 1,280-d vectors within a minute on 2 cores), capped so that each list gets 39 training
     points; ``nprobe`` 16. HNSW: 16 links per node, ``ef_construction`` 40 (building costs about linearly in both),
     ``ef_search`` 64. Checked with ``benchmarks/retrieval.py`` (recall@10 against exact search).
+
+    Compressed kinds (``sq8``, ``ivfsq8``, ``ivfpq``, ``opq``): ``nlist`` the power of two nearest sqrt(n) with an
+    HNSW coarse quantizer (adding then costs log(nlist), not nlist, per vector), ``nprobe`` 32; PQ codes of ``m``
+    bytes, the largest divisor of ``dim`` up to 64; ``rerank`` 10 for PQ (search fetches 10 k candidates and
+    re-scores them with the exact vectors kept on disk), 0 for SQ8 (accurate enough alone). Checked with
+    ``benchmarks/retrieval_scale.py``.
     """
     if kind == "ivf":
         nlist = max(1, min(round(2 * math.sqrt(max(n, 1))), n // 39))
@@ -84,38 +107,165 @@ def default_params(kind: str, n: int) -> dict[str, int]:
         return {"m": 16, "ef_construction": 40, "ef_search": 64}
     if kind == "flat":
         return {}
+    if kind == "sq8":
+        return {"rerank": 0}
+    if kind in ("ivfsq8", *PQ_KINDS):
+        nlist = _compressed_nlist(n)
+        params = {"nlist": nlist, "nprobe": min(nlist, 32), "rerank": 10 if kind in PQ_KINDS else 0}
+        if kind in PQ_KINDS:
+            if dim <= 0:
+                raise ValueError(f"default_params({kind!r}) needs the vector dimension to choose the PQ code size")
+            params["m"] = _pq_sizes(dim)[0]
+        return params
     raise ValueError(f"unknown index kind {kind!r}; choose one of {', '.join(KINDS)}")
 
 
-def _inner(index: faiss.Index) -> faiss.Index:
-    """The index doing the search: inside the id map for flat and HNSW, the IVF index itself."""
-    index = faiss.downcast_index(index)
-    return faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap2) else index
+def _pq_sizes(dim: int) -> list[int]:
+    """PQ code sizes for ``dim`` (sub-vectors must split the vector evenly), 64 to 4 bytes, largest first."""
+    return [m for m in range(min(dim, MAX_PQ_M), min(dim, 4) - 1, -1) if dim % m == 0] or [dim]
+
+
+def training_size(kind: str, params: dict[str, int]) -> int:
+    """How many sample vectors :meth:`ImageIndex.train` wants: 40 per IVF list, and 10,240 (40 per PQ centroid) for
+    PQ codebooks; 0 for kinds without training (flat, HNSW), 1,000 for SQ8's per-dimension ranges."""
+    need = 40 * params.get("nlist", 0) if kind in IVF_KINDS else 0
+    if kind in PQ_KINDS:
+        need = max(need, 256 * 40)
+    if kind in ("sq8", "ivfsq8"):
+        need = max(need, 1000)
+    return need
+
+
+def estimate_bytes(kind: str, n: int, dim: int, params: dict[str, int]) -> int:
+    """Memory an index of ``n`` vectors takes while loaded, per :data:`ID_BYTES` and :data:`ITEM_BYTES`: codes, ids
+    and records per vector, plus the trained parts (IVF centroids, PQ codebooks, the OPQ rotation)."""
+    code = {"flat": 4 * dim, "ivf": 4 * dim, "sq8": dim, "ivfsq8": dim}.get(kind)
+    if kind == "hnsw":
+        code = 4 * dim + 8 * params.get("m", 16) + 8  # level 0 has 2 M links of 4 bytes, upper levels add ~1/M
+    if kind in PQ_KINDS:
+        code = params["m"]
+    if code is None:
+        raise ValueError(f"unknown index kind {kind!r}; choose one of {', '.join(KINDS)}")
+    fixed = 0
+    if kind in IVF_KINDS:
+        fixed += params["nlist"] * (4 * dim + 300)  # centroids (and the HNSW graph over them)
+    if kind in PQ_KINDS:
+        fixed += 256 * dim * 4
+    if kind == "opq":
+        fixed += dim * dim * 4
+    return n * (code + ID_BYTES + ITEM_BYTES) + fixed
+
+
+_UNITS = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 10**9, "GB": 10**9, "T": 10**12,
+          "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}  # fmt: skip
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes from ``2GB``, ``500MB``, ``1.5GiB`` or a plain number (decimal units; ``KiB``... binary)."""
+    if isinstance(text, int):
+        return text
+    number = text.strip().upper().rstrip()
+    unit = number.lstrip("0123456789.").strip()
+    try:
+        return int(float(number[: len(number) - len(unit)].strip()) * _UNITS[unit])
+    except (KeyError, ValueError):
+        raise ValueError(f"memory budget {text!r} is not a size; write e.g. 2GB, 500MB or 1.5GiB") from None
+
+
+def format_size(size: float) -> str:
+    """``1.23 GB``, ``450 MB``: decimal units, as :func:`parse_size` reads them."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if size >= scale:
+            return f"{size / scale:.3g} {unit}"
+    return f"{int(size)} B"
+
+
+def plan_index(n: int, dim: int, memory_budget: str | int, kind: str = "auto") -> tuple[str, dict[str, int]]:
+    """The index kind and parameters for ``n`` vectors of ``dim`` dimensions within ``memory_budget``.
+
+    Rules, in order, each taken when its :func:`estimate_bytes` fits the budget:
+
+    1. up to 100,000 vectors: ``flat`` (exact); beyond: ``ivf`` (IVF-Flat), exact vectors, fast;
+    2. scalar quantization, 1 byte per dimension (4x smaller, recall about 0.99): ``sq8`` up to 100,000 vectors, else
+       ``ivfsq8``;
+    3. ``opq`` (OPQ rotation + IVF-PQ) with the largest code of at most 64 bytes that fits (PQ alone loses recall;
+       the rotation costs one matrix product per vector and wins some back), re-ranking 10 k candidates with the
+       exact vectors on disk.
+
+    ``kind`` other than ``auto`` keeps the kind and only sizes it (the PQ code size for ``ivfpq``/``opq``).
+
+    Raises:
+        ConfigError: no index fits; the message names the smallest budget that would.
+    """
+    budget = parse_size(memory_budget)
+    if kind == "auto":
+        kinds = ["flat" if n <= EXACT_MAX else "ivf", "sq8" if n <= EXACT_MAX else "ivfsq8", "opq"]
+    elif kind in KINDS:
+        kinds = [kind]
+    else:
+        raise ValueError(f"unknown index kind {kind!r}; choose auto or one of {', '.join(KINDS)}")
+    smallest: tuple[int, str] | None = None
+    for name in kinds:
+        base = default_params(name, n, dim)
+        for m in _pq_sizes(dim) if name in PQ_KINDS else [0]:
+            params = {**base, "m": m} if name in PQ_KINDS else base
+            need = estimate_bytes(name, n, dim, params)
+            if need <= budget:
+                return name, params
+            if smallest is None or need < smallest[0]:
+                smallest = (need, name + (f" with {m}-byte codes" if m else ""))
+    assert smallest is not None
+    raise ConfigError(
+        f"--memory-budget {format_size(budget)} is too small for {n:,} vectors of {dim} dimensions: the smallest "
+        f"index ({smallest[1]}) needs about {format_size(smallest[0])}. Give --memory-budget "
+        f"{format_size(smallest[0] * 1.05)} or more, or index fewer images."
+    )
+
+
+def _factory(kind: str, dim: int, params: dict[str, int]) -> str:
+    """FAISS index-factory description of a compressed kind."""
+    ivf = f"IVF{params.get('nlist', 0)}_HNSW32"
+    return {"sq8": "SQ8", "ivfsq8": f"{ivf},SQ8", "ivfpq": f"{ivf},PQ{params.get('m')}",
+            "opq": f"OPQ{params.get('m')},{ivf},PQ{params.get('m')}"}[kind]  # fmt: skip
 
 
 def _make_faiss(kind: str, dim: int, params: dict[str, int], train: np.ndarray | None) -> faiss.Index:
     inner: Any  # faiss's stubs type each index class apart; they share no declared interface
     if kind == "flat":
         inner = faiss.IndexFlatIP(dim)
-    elif kind == "ivf":
-        if train is None or len(train) < params["nlist"]:
+    elif kind in IVF_KINDS:
+        need = params["nlist"] if kind == "ivf" else training_size(kind, params)
+        if kind in PQ_KINDS:
+            need = max(params["nlist"], 256)  # the hard floor: one point per centroid (more is better)
+        if train is None or len(train) < need:
             have = 0 if train is None else len(train)
             raise ValueError(
-                f"an IVF index with nlist={params['nlist']} needs at least that many vectors to train its lists, "
-                f"got {have}; use --index flat for small collections or lower --nlist"
+                f"a {kind} index with nlist={params['nlist']} needs at least {need} vectors to train, got {have}; "
+                "use --index flat for small collections or lower --nlist"
             )
-        quantizer = faiss.IndexFlatIP(dim)
-        inner = faiss.IndexIVFFlat(quantizer, dim, params["nlist"], faiss.METRIC_INNER_PRODUCT)
+        if kind == "ivf":
+            quantizer = faiss.IndexFlatIP(dim)
+            inner = faiss.IndexIVFFlat(quantizer, dim, params["nlist"], faiss.METRIC_INNER_PRODUCT)
+        else:
+            inner = faiss.index_factory(dim, _factory(kind, dim, params), faiss.METRIC_INNER_PRODUCT)
+        if kind == "opq":
+            opq = faiss.downcast_VectorTransform(faiss.downcast_index(inner).chain.at(0))
+            opq.niter = 20  # FAISS's 50 iterations cost minutes on 1,280-d vectors; the rotation settles by 20
         inner.train(train)
-        inner.nprobe = params["nprobe"]
         # IVF stores ids itself, and removes without renumbering the rest (which an id map around it would assume);
         # the hash-table direct map lets reconstruct() and remove_ids() find an id's list.
-        inner.set_direct_map_type(faiss.DirectMap.Hashtable)  # type: ignore[attr-defined]
+        faiss.extract_index_ivf(inner).set_direct_map_type(faiss.DirectMap.Hashtable)  # type: ignore[attr-defined]
+        _apply_params(inner, kind, params)
         return inner
     elif kind == "hnsw":
         inner = faiss.IndexHNSWFlat(dim, params["m"], faiss.METRIC_INNER_PRODUCT)
         inner.hnsw.efConstruction = params["ef_construction"]
         inner.hnsw.efSearch = params["ef_search"]
+    elif kind == "sq8":
+        inner = faiss.index_factory(dim, "SQ8", faiss.METRIC_INNER_PRODUCT)
+        if train is None or not len(train):
+            raise ValueError("an sq8 index learns each dimension's range from the vectors it is trained on; got none")
+        inner.train(train)
     else:
         raise ValueError(f"unknown index kind {kind!r}; choose one of {', '.join(KINDS)}")
     # Persistent ids over positional indexes; the Python wrapper keeps ``inner`` alive (faiss's referenced_objects).
@@ -124,10 +274,14 @@ def _make_faiss(kind: str, dim: int, params: dict[str, int], train: np.ndarray |
 
 def _apply_params(index: faiss.Index, kind: str, params: dict[str, int]) -> None:
     """Search-time parameters, which FAISS's file format does not keep for every index type."""
-    inner: Any = _inner(index)
-    if kind == "ivf":
-        inner.nprobe = int(params["nprobe"])
+    if kind in IVF_KINDS:
+        ivf = faiss.extract_index_ivf(index)
+        ivf.nprobe = int(params["nprobe"])
+        quantizer = faiss.downcast_index(ivf.quantizer)
+        if isinstance(quantizer, faiss.IndexHNSW):
+            quantizer.hnsw.efSearch = max(64, 2 * int(params["nprobe"]))  # the nprobe nearest lists, reliably
     elif kind == "hnsw":
+        inner: Any = faiss.downcast_index(faiss.downcast_index(index).index)
         inner.hnsw.efSearch = int(params["ef_search"])
 
 
@@ -138,8 +292,13 @@ def _unit(vectors: np.ndarray) -> np.ndarray:
     return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
 
 
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+def _file_sha256(path: Path) -> str:
+    """SHA-256 of a file, streamed (an index may be larger than RAM)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while block := handle.read(16 << 20):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 class ImageIndex:
@@ -147,6 +306,11 @@ class ImageIndex:
 
     ``meta`` records how the vectors were made (``backbone``, ``fingerprint``, ``preprocessing``, ``precision``);
     :func:`build_index` fills it, and low-level users may leave it empty.
+
+    Streaming use (collections larger than memory): choose the kind and parameters for the total count up front
+    (:func:`plan_index`, or :func:`default_params` with the total), :meth:`train` on a sample of about
+    :func:`training_size` vectors, then :meth:`add` chunk by chunk; with ``rerank`` > 0 the exact vectors go to a
+    file on disk as they are added, never all in memory. :meth:`add` on an untrained index trains on its first chunk.
     """
 
     def __init__(self, dim: int, kind: str = "flat", params: dict[str, int] | None = None,
@@ -159,15 +323,36 @@ class ImageIndex:
         self.meta = dict(meta or {})
         self.items: dict[int, Item] = {}
         self.next_id = 0
-        self.index: faiss.Index | None = None  # created on the first add (IVF trains on it)
+        self.index: faiss.Index | None = None  # created by train(), or by the first add (IVF trains on it)
+        self.store: VectorStore | None = None  # exact vectors on disk, for re-ranking (params["rerank"] > 0)
+        self.read_only = False  # loaded memory-mapped: search only
 
     def __len__(self) -> int:
         return len(self.items)
 
     # -- the FAISS verbs ---------------------------------------------------------------------------------------------
 
+    def train(self, sample: np.ndarray, count: int | None = None) -> None:
+        """Create the FAISS index and train it (IVF lists, quantizer codebooks) on ``sample``; adds nothing.
+
+        Args:
+            sample: vectors representative of the collection (L2-normalised here), about
+                :func:`training_size` of them.
+            count: the collection's total size, which sizes parameters not given (default: the sample's size).
+        """
+        if self.index is not None:
+            raise ValueError("the index is already trained; train() comes before the first add()")
+        x = _unit(sample)
+        if x.shape[1] != self.dim:
+            raise ValueError(f"vectors have {x.shape[1]} dimensions, the index {self.dim}")
+        self.params = {**default_params(self.kind, count or len(x), self.dim), **self.params}
+        self.index = _make_faiss(self.kind, self.dim, self.params, x)
+        if self.params.get("rerank", 0) > 0 and self.store is None:
+            self.store = VectorStore(self.dim)
+
     def add(self, vectors: np.ndarray, items: Sequence[tuple[str, str, str]] | None = None) -> np.ndarray:
         """Add vectors (L2-normalised here) with ``(path, label, digest)`` per row; returns their new ids."""
+        self._writable()
         x = _unit(vectors)
         if x.shape[1] != self.dim:
             raise ValueError(f"vectors have {x.shape[1]} dimensions, the index {self.dim}")
@@ -179,38 +364,57 @@ class ImageIndex:
         assert self.index is not None
         ids = np.arange(self.next_id, self.next_id + len(x), dtype=np.int64)
         self.index.add_with_ids(x, ids)
+        if self.store is not None:
+            self.store.append(self.next_id, x)
         for i, (path, label, digest) in zip(ids.tolist(), rows, strict=True):
             self.items[i] = Item(i, str(path), str(label), str(digest))
         self.next_id += len(x)
         return ids
 
-    def train(self, sample: np.ndarray, count: int | None = None) -> None:
-        """Create the FAISS index, its parameters chosen for ``count`` vectors (default: the sample's size), and train
-        it on ``sample`` (IVF lists; flat and HNSW learn nothing). Called by the first :meth:`add` when not before.
-
-        Streaming a collection in (see :func:`build_index`) trains on a sample drawn across it first, then adds it
-        shard by shard.
-        """
-        x = _unit(sample) if len(sample) else np.zeros((0, self.dim), dtype=np.float32)
-        self.params = {**default_params(self.kind, len(x) if count is None else count), **self.params}
-        self.index = _make_faiss(self.kind, self.dim, self.params, x)
-
-    def search(self, queries: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, queries: np.ndarray, k: int = 10, rerank: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """The ``k`` most similar indexed vectors per query: (scores [Q, k], ids [Q, k]), best first.
 
         Scores are cosine similarities; when fewer than ``k`` items exist, missing slots have id -1 and score -inf.
+        With exact vectors on disk, ``rerank`` (default ``params["rerank"]``) > 1 fetches ``k * rerank`` candidates
+        from the compressed index and orders them by their exact scores; 0 or 1 returns the index's own ranking.
         """
         q = _unit(queries)
         if q.shape[1] != self.dim:
             raise ValueError(f"queries have {q.shape[1]} dimensions, the index {self.dim}")
         if self.index is None or not len(self.items):
             return np.full((len(q), k), -np.inf, dtype=np.float32), np.full((len(q), k), -1, dtype=np.int64)
-        scores, ids = self.index.search(q, k)
-        scores[ids < 0] = -np.inf
+        factor = self.params.get("rerank", 0) if rerank is None else rerank
+        if factor <= 1 or self.store is None:
+            scores, ids = self.index.search(q, k)
+            scores[ids < 0] = -np.inf
+            return scores, ids
+        _, candidates = self.index.search(q, k * factor)
+        return self._rerank(q, candidates, k)
+
+    def _rerank(self, q: np.ndarray, candidates: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Exact scores of each query's candidates (read once each from the store, in file order), top ``k``."""
+        assert self.store is not None
+        valid = candidates >= 0
+        unique, where = np.unique(candidates[valid], return_inverse=True)
+        exact = np.full(candidates.shape, -np.inf, dtype=np.float32)
+        if len(unique):
+            rows = self.store.rows(unique)
+            position = np.zeros(candidates.shape, dtype=np.int64)
+            position[valid] = where
+            exact = np.einsum("qcd,qd->qc", rows[position], q)
+            exact[~valid] = -np.inf
+        order = np.argsort(-exact, axis=1, kind="stable")[:, :k]
+        scores, ids = np.take_along_axis(exact, order, 1), np.take_along_axis(candidates, order, 1)
+        if ids.shape[1] < k:
+            pad = k - ids.shape[1]
+            scores = np.pad(scores, ((0, 0), (0, pad)), constant_values=-np.inf)
+            ids = np.pad(ids, ((0, 0), (0, pad)), constant_values=-1)
+        ids[~np.isfinite(scores)] = -1
         return scores, ids
 
     def remove(self, ids: Sequence[int] | np.ndarray) -> int:
         """Remove items by id; returns how many were present. HNSW cannot delete, so its graph is rebuilt."""
+        self._writable()
         present = np.array(sorted({int(i) for i in ids} & set(self.items)), dtype=np.int64)
         if not len(present) or self.index is None:
             return 0
@@ -221,32 +425,38 @@ class ImageIndex:
             if len(keep):
                 self.index.add_with_ids(vectors, keep)
         else:
-            self.index.remove_ids(faiss.IDSelectorArray(present))  # the only selector IVF's hash map takes
+            # IDSelectorArray: the only selector IVF's hash map takes. The store keeps the rows (ids are not reused).
+            self.index.remove_ids(faiss.IDSelectorArray(present))
         for i in present.tolist():
             del self.items[i]
         return len(present)
 
     def vectors(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
-        """The stored unit vectors of ``ids``, [N, D]."""
-        if self.index is None:
+        """The unit vectors of ``ids``, [N, D]: exact from the store when there is one, else as the index keeps them
+        (decoded, hence approximate, for the compressed kinds)."""
+        if self.index is None or not len(ids):
             return np.zeros((0, self.dim), dtype=np.float32)
-        if not len(ids):
-            return np.zeros((0, self.dim), dtype=np.float32)
+        if self.store is not None:
+            return self.store.rows(np.asarray(ids, dtype=np.int64))
         return np.stack([self.index.reconstruct(int(i)) for i in ids])
+
+    def _writable(self) -> None:
+        if self.read_only:
+            raise ValueError("this index was loaded memory-mapped (read-only, for search); load it with mmap=False "
+                             "to add or remove items")  # fmt: skip
 
     # -- persistence -------------------------------------------------------------------------------------------------
 
     def save(self, folder: str | Path) -> None:
-        """Write ``index.faiss``, ``items.csv`` and ``meta.json``, all three or (on a failed write) none."""
+        """Write ``index.faiss``, ``items.csv``, ``meta.json`` (and ``vectors.npy`` when the exact vectors are kept),
+        all or (on a failed write) none; the index and the vectors are streamed to disk, not copied in memory."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        index_bytes = b"" if self.index is None else faiss.serialize_index(self.index).tobytes()
         text = io.StringIO()
         writer = csv.writer(text)
         writer.writerow(["id", "path", "label", "digest"])
         for item in self.items.values():
             writer.writerow([item.id, item.path, item.label, item.digest])
-        items_bytes = text.getvalue().encode()
         meta = {
             **self.meta,
             "format": FORMAT_VERSION,
@@ -255,20 +465,33 @@ class ImageIndex:
             "dim": self.dim,
             "count": len(self.items),
             "next_id": self.next_id,
-            "sha256": {INDEX_FILE: _sha256(index_bytes), ITEMS_FILE: _sha256(items_bytes)},
+            "vectors": VECTORS_FILE if self.store is not None else None,
         }
-        # Together: a failed write (disk full) leaves the previous index whole. meta.json keeps the two checksums for
-        # readers older than checksums.json.
-        write_files(
-            folder, {INDEX_FILE: index_bytes, ITEMS_FILE: items_bytes, META_FILE: json.dumps(meta, indent=2).encode()}
-        )
+        index = self.index
+
+        def write_index(path: str) -> None:
+            if index is not None:
+                faiss.write_index(index, path)
+
+        files: dict[str, Content] = {INDEX_FILE: write_index, ITEMS_FILE: text.getvalue().encode(),
+                                     META_FILE: json.dumps(meta, indent=2).encode()}  # fmt: skip
+        if self.store is not None:
+            files[VECTORS_FILE] = self.store.write
+        # Together, with their checksums in checksums.json: a failed write (disk full) leaves the previous index whole.
+        write_files(folder, files)
 
     @classmethod
-    def load(cls, folder: str | Path) -> ImageIndex:
-        """Read an index folder, checking that its three files belong together.
+    def load(cls, folder: str | Path, mmap: bool = False) -> ImageIndex:
+        """Read an index folder, checking that its files belong together (hashing them streamed, not in memory).
+
+        Args:
+            folder: the index folder.
+            mmap: memory-map what FAISS can (IVF lists, flat and SQ8 codes) instead of reading it into memory, for
+                indexes larger than RAM; the index is then read-only (search and evaluate, no add or remove).
 
         Raises:
-            IndexFileError: a missing, unreadable, corrupt or mismatched file, named in the message.
+            IndexFileError: a missing, unreadable, corrupt or mismatched file, or one from a newer headstart, named
+                in the message.
         """
         folder = Path(folder)
         meta_path = folder / META_FILE
@@ -277,41 +500,68 @@ class ImageIndex:
         meta_bytes = meta_path.read_bytes()
         try:
             meta = json.loads(meta_bytes)
+            fmt = meta.get("format")
+        except (ValueError, AttributeError) as error:
+            raise IndexFileError(f"{meta_path} is corrupt ({type(error).__name__}: {error}); {REBUILD}") from error
+        # Before anything else: a newer headstart may lay the folder out (and check it) differently.
+        if isinstance(fmt, int) and fmt > FORMAT_VERSION:
+            raise IndexFileError(
+                f"{meta_path} has index format {fmt}, written by a newer headstart; this one reads formats "
+                f"{', '.join(map(str, READABLE_FORMATS))}. Upgrade headstart (pip install -U headstart), or {REBUILD}."
+            )
+        try:
             kind, dim, params = meta["kind"], int(meta["dim"]), dict(meta["params"])
-            sums, count, next_id = dict(meta["sha256"]), int(meta["count"]), int(meta["next_id"])
-        except (ValueError, KeyError, TypeError) as error:
+            count, next_id = int(meta["count"]), int(meta["next_id"])
+            sums = dict(meta["sha256"]) if fmt == 1 else {}
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
             raise IndexFileError(f"{meta_path} is corrupt ({type(error).__name__}: {error}); {REBUILD}") from error
         checked = _verify(folder, META_FILE, meta_bytes)
-        if meta.get("format") != FORMAT_VERSION:
-            raise IndexFileError(f"{meta_path} has format {meta.get('format')!r}; this headstart reads format "
-                                 f"{FORMAT_VERSION}. Rebuild the index with `headstart index build`.")  # fmt: skip
-        blobs: dict[str, bytes] = {}
-        for name in (INDEX_FILE, ITEMS_FILE):
+        if fmt not in READABLE_FORMATS:
+            readable = ", ".join(map(str, READABLE_FORMATS))
+            raise IndexFileError(f"{meta_path} has format {fmt!r}; this headstart reads formats {readable}: {REBUILD}")
+        if kind not in KINDS:
+            raise IndexFileError(f"{meta_path} names index kind {kind!r}, unknown here (known: {', '.join(KINDS)})")
+        names = [INDEX_FILE, ITEMS_FILE] + ([VECTORS_FILE] if meta.get("vectors") else [])
+        for name in names:
             path = folder / name
             if not path.is_file():
-                raise IndexFileError(f"{path} is missing; the index folder is incomplete, rebuild it")
-            blobs[name] = path.read_bytes()
+                raise IndexFileError(f"{path} is missing; the index folder is incomplete, {REBUILD}")
             if checked:
-                _verify(folder, name, blobs[name])
-            elif _sha256(blobs[name]) != sums.get(name):  # a folder older than checksums.json
+                _verify_file(folder, name)
+            elif fmt == 1 and _file_sha256(path) == sums.get(name):
+                pass  # a folder older than checksums.json
+            else:
                 raise IndexFileError(
-                    f"{path} does not match {meta_path} (checksum differs): it was modified, truncated or copied "
-                    "from another index. Rebuild the index with `headstart index build`."
+                    f"{path} does not match {meta_path if fmt == 1 else folder / 'checksums.json'} (checksum differs "
+                    f"or is missing): it was modified, truncated or copied from another index. {REBUILD.capitalize()}."
                 )
         out = cls(dim, kind, params, {k: v for k, v in meta.items() if k not in _OWN_KEYS})
         out.next_id = next_id
-        reader = csv.DictReader(io.StringIO(blobs[ITEMS_FILE].decode()))
-        out.items = {int(r["id"]): Item(int(r["id"]), r["path"], r["label"], r["digest"]) for r in reader}
-        if blobs[INDEX_FILE]:
+        with (folder / ITEMS_FILE).open(newline="") as handle:
+            out.items = {int(r["id"]): Item(int(r["id"]), r["path"], r["label"], r["digest"])
+                         for r in csv.DictReader(handle)}  # fmt: skip
+        if (folder / INDEX_FILE).stat().st_size:
+            # IVF lists map through FAISS's on-disk lists (which need a plain file reader); flat and SQ codes through
+            # IO_FLAG_MMAP_IFC (FAISS 1.8+; older ones read them into memory).
+            flags = (faiss.IO_FLAG_MMAP if kind in IVF_KINDS else getattr(faiss, "IO_FLAG_MMAP_IFC", 0)) if mmap else 0
             try:
-                out.index = faiss.deserialize_index(np.frombuffer(blobs[INDEX_FILE], dtype=np.uint8))
+                out.index = faiss.read_index(str(folder / INDEX_FILE), flags)
             except RuntimeError as error:
                 raise IndexFileError(
-                    f"{folder / INDEX_FILE}: FAISS cannot read it ({error}); rebuild the index"
+                    f"{folder / INDEX_FILE}: FAISS cannot read it ({str(error).strip().splitlines()[-1]}); {REBUILD}"
                 ) from error
             _apply_params(out.index, kind, params)
             if out.index.d != dim:
                 raise IndexFileError(f"{folder / INDEX_FILE} holds {out.index.d}-d vectors but {meta_path} says {dim}")
+        out.read_only = mmap
+        if meta.get("vectors"):
+            try:
+                out.store = VectorStore.open(folder / VECTORS_FILE)
+            except ValueError as error:
+                raise IndexFileError(f"{folder / VECTORS_FILE}: {error}; {REBUILD}") from error
+            if out.store.dim != dim or len(out.store) != next_id:
+                raise IndexFileError(f"{folder / VECTORS_FILE} holds {len(out.store)} x {out.store.dim} vectors, "
+                                     f"expected {next_id} x {dim}; {REBUILD}")  # fmt: skip
         ntotal = 0 if out.index is None else int(out.index.ntotal)
         if not ntotal == len(out.items) == count:
             raise IndexFileError(
@@ -359,7 +609,7 @@ class ImageIndex:
         return {**{key: float(value / used) for key, value in sums.items()}, "queries": used}
 
 
-_OWN_KEYS = {"format", "kind", "params", "dim", "count", "next_id", "sha256"}
+_OWN_KEYS = {"format", "kind", "params", "dim", "count", "next_id", "sha256", "vectors"}
 
 
 def _verify(folder: Path, name: str, data: bytes) -> bool:
@@ -370,6 +620,14 @@ def _verify(folder: Path, name: str, data: bytes) -> bool:
     """
     try:
         return verify(folder, name, data, REBUILD)
+    except IntegrityError as error:
+        raise IndexFileError(str(error)) from error
+
+
+def _verify_file(folder: Path, name: str) -> bool:
+    """:func:`_verify` for a file hashed where it lies (it may be larger than memory)."""
+    try:
+        return verify_file(folder, name, REBUILD)
     except IntegrityError as error:
         raise IndexFileError(str(error)) from error
 
@@ -407,6 +665,8 @@ def build_index(
     overwrite: bool = False,
     shard_size: int = DEFAULT_SHARD_SIZE,
     embeddings: str | Path | None = None,
+    memory_budget: str | int | None = None,
+    rerank: int | None = None,
 ) -> tuple[ImageIndex, list[tuple[Path, str]]]:
     """Embed a dataset (every split) or image files into shards, then stream the shards into an index folder.
 
@@ -425,8 +685,12 @@ def build_index(
         out: index folder to write.
         backbone: registry name, ``ae:RUN`` or ``run:RUN``.
         weights: weights file for the backbone.
-        kind: ``flat`` (exact), ``ivf`` or ``hnsw``.
+        kind: ``flat`` (exact), ``ivf``, ``hnsw``, ``sq8``, ``ivfsq8``, ``ivfpq``, ``opq``, or ``auto``: chosen by
+            :func:`plan_index` from the collection's size and ``memory_budget``.
         params: index parameters overriding :func:`default_params` (``nlist``, ``nprobe``, ``m``, ``ef_search``...).
+        memory_budget: memory the loaded index may take (``2GB``, ``500MB``); sizes ``auto`` and the PQ kinds.
+        rerank: keep the exact vectors on disk (``vectors.npy``) and re-score ``k * rerank`` candidates per query
+            (0: keep none; default 10 for the PQ kinds, 0 otherwise).
         batch_size: images per forward pass.
         precision: ``auto``, ``bf16`` or ``fp32`` for the embedding network.
         cache_dir: feature cache root.
@@ -462,16 +726,30 @@ def build_index(
                                                  "preprocessing", "precision")}  # fmt: skip
     meta["classes"] = described.get("classes", [])
     total, dim = (int(n) for n in described["shape"])
-    index = ImageIndex(dim, kind, params, meta)
+    index = ImageIndex(dim, *_plan(kind, total, dim, params, memory_budget, rerank), meta)
     if distributed()[1] != 0:
         return index, failed  # rank 0 builds from the shards every rank wrote
-    sample = sample_vectors(source, TRAIN_ROWS) if kind == "ivf" else np.zeros((0, dim), dtype=np.float32)
+    wanted = training_size(index.kind, default_params(index.kind, total, dim) | index.params)
+    sample = sample_vectors(source, max(TRAIN_ROWS, wanted)) if wanted else np.zeros((0, dim), dtype=np.float32)
     index.train(sample, total)
     del sample
     for vectors, rows in iter_embedding_shards(source):
         index.add(vectors, [(r["path"], r["label"], r["digest"]) for r in rows])
     index.save(folder)
     return index, failed
+
+
+def _plan(kind: str, n: int, dim: int, params: dict[str, int] | None, memory_budget: str | int | None,
+          rerank: int | None) -> tuple[str, dict[str, int]]:  # fmt: skip
+    """Kind and parameters of a new index: planned for ``auto`` or a budget, given ones winning."""
+    if kind == "auto" or memory_budget is not None:
+        kind, planned = plan_index(n, dim, memory_budget if memory_budget is not None else "1TB", kind)
+    else:
+        planned = {}
+    out = {**planned, **(params or {})}
+    if rerank is not None:
+        out["rerank"] = rerank
+    return kind, out
 
 
 def _describe(record: ImageRecord, classes: Sequence[str]) -> tuple[str, str, str]:
@@ -557,7 +835,8 @@ class SearchResult:
 
 def search_images(index_dir: str | Path, queries: Sequence[str | os.PathLike[str]], k: int = 10,
                   backbone: str | None = None, weights: str | None = None, batch_size: int = 32,
-                  cache_dir: str | None = None) -> tuple[list[SearchResult], list[tuple[Path, str]]]:  # fmt: skip
+                  cache_dir: str | None = None, rerank: int | None = None,
+                  ) -> tuple[list[SearchResult], list[tuple[Path, str]]]:  # fmt: skip
     """Embed query images exactly as the collection was and return their ``k`` nearest indexed images.
 
     Args:
@@ -568,14 +847,17 @@ def search_images(index_dir: str | Path, queries: Sequence[str | os.PathLike[str
         weights: weights file for ``backbone``.
         batch_size: images per forward pass.
         cache_dir: feature cache root.
+        rerank: candidates re-scored exactly per result (default: the index's own ``rerank``; needs vectors on disk).
+
+    The index is memory-mapped (see :meth:`ImageIndex.load`), so one larger than memory can be searched.
     """
-    index = ImageIndex.load(index_dir)
+    index = ImageIndex.load(index_dir, mmap=True)
     model = query_backbone(index, backbone, weights)
     records = as_records(collect_files(queries))
     if not records:
         raise DataError(f"no query images found in {[str(q) for q in queries]}")
     vectors, rows, failed = _embed(model, records, index.meta, batch_size, cache_dir)
-    scores, ids = index.search(vectors, k)
+    scores, ids = index.search(vectors, k, rerank)
     results = []
     for r, score_row, id_row in zip(rows.tolist(), scores, ids, strict=True):
         hits = [(index.items[i], float(s)) for i, s in zip(id_row.tolist(), score_row.tolist(), strict=True) if i >= 0]
@@ -585,7 +867,7 @@ def search_images(index_dir: str | Path, queries: Sequence[str | os.PathLike[str
 
 def evaluate_index(index_dir: str | Path, ks: Sequence[int] = (1, 5, 10)) -> dict[str, Any]:
     """Leave-one-out precision@k, recall@k and mAP@k of a labelled index (see :meth:`ImageIndex.evaluate`)."""
-    return ImageIndex.load(index_dir).evaluate(ks)
+    return ImageIndex.load(index_dir, mmap=True).evaluate(ks)
 
 
 def contact_sheet(results: Sequence[SearchResult], path: str | Path, thumb: int = 128) -> Path:
