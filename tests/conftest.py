@@ -12,7 +12,9 @@ import torch
 from PIL import Image
 
 os.environ.setdefault("HEADSTART_QUIET", "1")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# Under pytest-xdist (`make test` runs two workers) each worker takes its share of the cores, at most two.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, torch.get_num_threads() // _WORKERS)))
 
 REPO = Path(__file__).resolve().parents[1]
 HYMENOPTERA = REPO.parent / "shared" / "datasets" / "hymenoptera_data"
@@ -87,6 +89,14 @@ def one_thread() -> Iterator[None]:
 def cache_dir(tmp_path: Path) -> Path:
     """A private feature cache per test."""
     return tmp_path / "cache"
+
+
+@pytest.fixture(scope="session")
+def ants_bees_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One feature cache for the tests that run the bundled weights on ants/bees: each computes only the features no
+    earlier test did (the cache is keyed by weights, preprocessing, precision and view, so sharing changes no
+    result). Tests of the cache itself keep private ones (``cache_dir``)."""
+    return tmp_path_factory.mktemp("ants-bees-cache")
 
 
 @pytest.fixture(scope="session")

@@ -215,9 +215,9 @@ def test_suggest_bad_input(tiny_run: tuple[Path, Path], tmp_path: Path, monkeypa
 
 
 @pytest.mark.slow
-def test_curve_and_suggest_on_ants_and_bees(hymenoptera: Path, tmp_path: Path) -> None:
+def test_curve_and_suggest_on_ants_and_bees(hymenoptera: Path, tmp_path: Path, ants_bees_cache: Path) -> None:
     """The real weights and the real set: the curve is measured and projected; suggest ranks val as a pool."""
-    common = {"strategy": "extract", "backbone": "efficientnet_lite0", "cache_dir": str(tmp_path / "cache")}
+    common = {"strategy": "extract", "backbone": "efficientnet_lite0", "cache_dir": str(ants_bees_cache)}
     curve = headstart.learning_curve(hymenoptera, out=tmp_path / "curve", seeds=2, **common)
     assert curve.n_train == 244 and curve.n_val == 153 and curve.sizes[0] >= 20
     assert 0.85 <= curve.accuracy_now <= 1.0

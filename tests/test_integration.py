@@ -16,9 +16,11 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def extract_run(hymenoptera: Path, tmp_path_factory: pytest.TempPathFactory) -> headstart.TrainResult:
+def extract_run(
+    hymenoptera: Path, tmp_path_factory: pytest.TempPathFactory, ants_bees_cache: Path
+) -> headstart.TrainResult:
     root = tmp_path_factory.mktemp("extract")
-    return headstart.train(hymenoptera, strategy="extract", out=str(root / "run"), cache_dir=str(root / "cache"))
+    return headstart.train(hymenoptera, strategy="extract", out=str(root / "run"), cache_dir=str(ants_bees_cache))
 
 
 def test_extract_reaches_target_and_reports_the_placeholder(
@@ -55,12 +57,12 @@ def test_evaluate_agrees_with_training_and_predict_writes_every_row(
     assert "confusion matrix" in out.stdout
 
 
-def test_finetune_default_reaches_target(hymenoptera: Path, tmp_path: Path) -> None:
+def test_finetune_default_reaches_target(hymenoptera: Path, tmp_path: Path, ants_bees_cache: Path) -> None:
     result = headstart.train(
         hymenoptera,
         strategy="finetune",
         out=str(tmp_path / "ft"),
-        cache_dir=str(tmp_path / "c"),
+        cache_dir=str(ants_bees_cache),
         **{"run.report": False},
     )
     assert result.metrics["accuracy"] >= 0.94
@@ -69,8 +71,8 @@ def test_finetune_default_reaches_target(hymenoptera: Path, tmp_path: Path) -> N
     assert all(r["train_images_per_s"] > 0 for r in rows[1:])
 
 
-def test_default_auto_recipe_on_ants_bees(hymenoptera: Path, tmp_path: Path) -> None:
-    result = headstart.train(hymenoptera, out=str(tmp_path / "auto"), cache_dir=str(tmp_path / "c"),
+def test_default_auto_recipe_on_ants_bees(hymenoptera: Path, tmp_path: Path, ants_bees_cache: Path) -> None:
+    result = headstart.train(hymenoptera, out=str(tmp_path / "auto"), cache_dir=str(ants_bees_cache),
                              **{"run.report": False})  # fmt: skip
     info = json.loads((tmp_path / "auto" / "model.json").read_text())
     assert info["strategy"] == "auto" and info["backbone"] == "+".join(f"efficientnet_lite{i}" for i in range(3))

@@ -15,6 +15,7 @@ import torch
 import headstart
 from headstart.data.scan import collect_files
 from headstart.errors import IntegrityError
+from headstart.hardware import int8_saturates
 from headstart.insight.predictor import load
 from headstart.models.backbones import create_backbone
 from headstart.models.classifier import Classifier, load_classifier, save_classifier
@@ -64,6 +65,35 @@ def test_cli_writes_int8_beside_fp32_with_metadata(tiny_extract: Path, capsys: p
     assert record["calibration_images"] == 20 and record["calibration_source"].startswith("training split of")
     assert record["agreement"] == 1.0 and record["accuracy_int8"] == record["accuracy_fp32"]
     assert "QuantizeLinear" in {n.op_type for n in __import__("onnx").load(str(int8)).graph.node}
+    assert record["weight_bits"] == (7 if int8_saturates() else 8)
+
+
+@pytest.mark.parametrize("saturates_here", [False, True])
+def test_weight_bits_follow_the_cpu_and_loading_warns_where_8_bits_saturate(
+    tiny_extract: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, saturates_here: bool
+) -> None:
+    """A file made with 8-bit weights (on a CPU with VNNI) warns when loaded on one without; 7-bit files never do."""
+    import warnings
+
+    import headstart.models.exported as exported
+    import headstart.serving.quantize as quantize
+
+    monkeypatch.setattr(quantize, "int8_saturates", lambda: saturates_here)  # the exporting CPU
+    path = export(tiny_extract, "onnx", tmp_path / "model.onnx", quantize="int8")
+    assert read_metadata(path)["quantization"]["weight_bits"] == (7 if saturates_here else 8)
+    monkeypatch.setattr(exported, "int8_saturates", lambda: True)  # the serving CPU: AVX2 without VNNI
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load(path)
+    said = [str(w.message) for w in caught if "saturate" in str(w.message)]
+    assert len(said) == (0 if saturates_here else 1)
+    if said:
+        assert str(path) in said[0] and "--quantize int8" in said[0]
+    monkeypatch.setattr(exported, "int8_saturates", lambda: False)  # a CPU with VNNI: nothing to say
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load(path)
+    assert not [w for w in caught if "saturate" in str(w.message)]
 
 
 def test_exported_onnx_loads_predicts_and_evaluates(tiny_extract: Path) -> None:
@@ -169,13 +199,17 @@ def test_service_serves_the_int8_model(tiny_extract: Path) -> None:
 
 
 @pytest.mark.slow
-def test_int8_efficientnet_lite0_agrees_with_fp32_on_ants_and_bees(hymenoptera: Path, tmp_path: Path) -> None:
+def test_int8_efficientnet_lite0_agrees_with_fp32_on_ants_and_bees(
+    hymenoptera: Path, tmp_path: Path, ants_bees_cache: Path
+) -> None:
     result = headstart.train(hymenoptera, strategy="extract", backbone="efficientnet_lite0", out=str(tmp_path / "run"),
-                             cache_dir=str(tmp_path / "cache"), **{"run.report": False})  # fmt: skip
+                             cache_dir=str(ants_bees_cache), **{"run.report": False})  # fmt: skip
     run = result.run_dir
-    int8_path = export(run, "onnx", quantize="int8")
+    # 153 images: one flip is 0.65 points, so agreement alone is a coarse check. The largest logit change is the
+    # fine one: 0.40 on a CPU with VNNI, 0.71 with 7-bit weights on AVX2 alone, 1.55 with saturating 8-bit weights.
+    int8_path = export(run, "onnx", quantize="int8", min_agreement=0.98)
     record = read_metadata(int8_path)["quantization"]
-    assert record["images"] == 153 and record["agreement"] >= 0.99
+    assert record["images"] == 153 and record["agreement"] >= 0.98 and record["max_abs_logit_diff"] < 1.0
     assert len(record["fp32_nodes"]) == 2  # the first convolution and the head
     # Independently of the export's own check: the int8 file against the PyTorch model, through headstart.load.
     files = collect_files([hymenoptera / "val"])
@@ -184,7 +218,7 @@ def test_int8_efficientnet_lite0_agrees_with_fp32_on_ants_and_bees(hymenoptera: 
     fp32_probs, fp32_out = fp32.predict_proba(files, from_cache=False)
     int8_probs, int8_out = load(int8_path).predict_proba(files)
     assert fp32_out.ok.sum() == int8_out.ok.sum() == 153
-    assert (fp32_probs.argmax(1) == int8_probs.argmax(1)).mean() >= 0.99
+    assert (fp32_probs.argmax(1) == int8_probs.argmax(1)).mean() >= 0.98
     truth = np.array([["ants", "bees"].index(f.parent.name) for f in files])
     assert (int8_probs.argmax(1) == truth).mean() >= 0.94
     assert int8_path.stat().st_size < 0.35 * (run / "classifier.onnx").stat().st_size

@@ -40,6 +40,7 @@ from headstart.data.scan import collect_files, load_dataset
 from headstart.data.transforms import Preprocessing, eval_tensor, normalize
 from headstart.errors import DataError, HeadstartError
 from headstart.files import default_cache_root, installed_version, storage_error
+from headstart.hardware import int8_saturates
 
 MIN_AGREEMENT = 0.99  # top-1 agreement with fp32 below which the int8 file is refused
 CALIBRATION_IMAGES = 128  # Lite0 on ants/bees: 64 training images gave 99.3% agreement on val, 128 and 244 100%
@@ -189,12 +190,14 @@ def quantize_onnx(
         raise storage_error(error, out) from error
     try:
         staged = tmp / out.name
-        kept = _quantize(fp32, tmp, staged, _Batches(calibration, prep, dtype))
+        reduce_range = int8_saturates()
+        kept = _quantize(fp32, tmp, staged, _Batches(calibration, prep, dtype), reduce_range)
         check = compare(fp32, staged, network_input(check_pixels, prep, dtype), labels)
         if check.agreement < min_agreement:
             raise QuantizationError(_refusal(fp32, out, check, images, len(used), min_agreement))
         # Written like every export: atomically, its checksum recorded in the folder's checksums.json.
-        write_files(out.parent, {out.name: _with_metadata(staged, metadata, images, len(used), check, kept)})
+        record = _with_metadata(staged, metadata, images, len(used), check, kept, reduce_range)
+        write_files(out.parent, {out.name: record})
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return check
@@ -207,9 +210,9 @@ def _labels_of(images: Images, kept: list[Path]) -> list[int] | None:
     return [label[path] for path in kept]
 
 
-def _quantize(fp32: Path, tmp: Path, out: Path, reader: _Batches) -> list[str]:
+def _quantize(fp32: Path, tmp: Path, out: Path, reader: _Batches, reduce_range: bool) -> list[str]:
     """``quant_pre_process`` then ``quantize_static`` (see the module docstring for the settings and why); returns
-    the nodes left in fp32."""
+    the nodes left in fp32. ``reduce_range``: 7-bit weights (:func:`headstart.hardware.int8_saturates`)."""
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -221,7 +224,7 @@ def _quantize(fp32: Path, tmp: Path, out: Path, reader: _Batches) -> list[str]:
         quantize_static(
             str(prepared), str(out), reader, quant_format=QuantFormat.QDQ, per_channel=True,
             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
-            nodes_to_exclude=kept, reduce_range=not has_vnni(),
+            nodes_to_exclude=kept, reduce_range=reduce_range,
         )  # fmt: skip
     except OSError as error:  # a full disk or a read-only folder, not the graph's fault
         raise storage_error(error, out) from error
@@ -234,23 +237,6 @@ def _quantize(fp32: Path, tmp: Path, out: Path, reader: _Batches) -> list[str]:
     finally:
         prepared.unlink(missing_ok=True)
     return kept
-
-
-def has_vnni() -> bool:
-    """Whether this x86 CPU has an int8 dot-product instruction (AVX512-VNNI, AVX-VNNI or AMX).
-
-    Without one, onnxruntime's uint8 x int8 kernels (AVX2, AVX512 without VNNI) add pairs of products in 16 bits and
-    can saturate; onnxruntime's remedy is ``reduce_range`` (7-bit weights). Measured on a 2-core AMD EPYC with AVX2
-    only: EfficientNet-Lite0's top-1 agreement with fp32 on ants/bees val fell to 97.4% with 8-bit weights.
-    Other CPUs (Arm, or no /proc/cpuinfo) count as having one: their kernels do not saturate this way.
-    """
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return True
-    if "avx2" not in flags:
-        return True
-    return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & set(flags))
 
 
 def edge_nodes(model: Any) -> list[str]:
@@ -306,7 +292,7 @@ def _refusal(fp32: Path, out: Path, check: Check, images: Images, calibrated: in
 
 
 def _with_metadata(
-    path: Path, metadata: dict[str, str], images: Images, calibrated: int, check: Check, kept: list[str]
+    path: Path, metadata: dict[str, str], images: Images, calibrated: int, check: Check, kept: list[str], bits7: bool
 ) -> bytes:
     """The int8 file's bytes, with the fp32 file's metadata and the record of its quantization."""
     import onnx
@@ -316,6 +302,7 @@ def _with_metadata(
         "type": "int8",
         "method": METHOD,
         "fp32_nodes": kept,
+        "weight_bits": 7 if bits7 else 8,  # 7: made where onnxruntime's int8 kernels saturate (reduce_range)
         "onnxruntime": installed_version("onnxruntime"),
         "calibration_images": calibrated,
         "calibration_source": images.calibration_source,
