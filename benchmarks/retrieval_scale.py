@@ -170,10 +170,7 @@ def run_phase(phase: str, n: int, n_queries: int, k: int, hnsw_seconds: float, m
             if "rerank" in setting and index.store is None:
                 continue
             ids, single, batch = timed(index, queries, k, **kw)
-            if partial:  # exact neighbours among what was indexed are unknown here: recall left out
-                rec = None
-            else:
-                rec = recall(ids, truth)
+            rec = None if partial else recall(ids, truth)  # partial: exact neighbours among the indexed unknown
             row = {"phase": phase, "kind": name, "n": n, "indexed": stats[name]["n"],
                    "params": {**index.params, **setting}, "bytes_per_vector": size / max(stats[name]["n"], 1),
                    "index_file_bytes": size, "ram_bytes": stats[name]["ram_bytes"],
@@ -194,8 +191,9 @@ def save(rows: list[dict]) -> None:
     document = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"rows": []}
     keys = {(r["phase"], r["n"]) for r in rows}
     document["rows"] = [r for r in document["rows"] if (r["phase"], r["n"]) not in keys] + rows
-    document["machine"] = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
-                           f"faiss {faiss.__version__} ({faiss.omp_get_max_threads()} threads), shared machine")  # fmt: skip
+    cpu = platform.processor() or platform.machine()
+    threads = faiss.omp_get_max_threads()
+    document["machine"] = f"{cpu}, {os.cpu_count()} CPU cores, faiss {faiss.__version__} ({threads} threads)"
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(document, indent=1))
 

@@ -105,7 +105,7 @@ def test_pq_index_round_trips_and_searches_memory_mapped(collection, tmp_path: P
         got = loaded.search(q, 10)
         np.testing.assert_array_equal(got[1], expected[1])
         np.testing.assert_allclose(got[0], expected[0], atol=1e-6)
-    with pytest.raises(ValueError, match="memory-mapped .*read-only"):
+    with pytest.raises(ValueError, match=r"memory-mapped .*read-only"):
         loaded.add(x[:1])
     # Loaded normally it grows: new vectors join the store, ids keep counting.
     grown = ImageIndex.load(tmp_path / "ix")

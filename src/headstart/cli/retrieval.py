@@ -57,10 +57,17 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="flat: exact (default); ivf or hnsw: approximate, full vectors; sq8/ivfsq8 (1 byte per "
                    "dimension), ivfpq/opq (PQ codes of a few dozen bytes): compressed, for collections past memory; "
                    "auto: chosen from the collection's size and --memory-budget")  # fmt: skip
-    a.add_argument("--memory-budget", help="memory the loaded index may take, e.g. 1GB or 500MB: picks the kind "
-                   "(with --index auto) and sizes the PQ codes; a budget no index fits is refused with the least one")
-    a.add_argument("--rerank", type=int, help="keep the exact vectors on disk (vectors.npy) and re-score RERANK x k "
-                   "candidates per query (default 10 for ivfpq/opq, 0 otherwise; 0 keeps no vectors)")
+    a.add_argument(
+        "--memory-budget",
+        help="memory the loaded index may take, e.g. 1GB or 500MB: picks the kind "
+        "(with --index auto) and sizes the PQ codes; a budget no index fits is refused with the least one",
+    )
+    a.add_argument(
+        "--rerank",
+        type=int,
+        help="keep the exact vectors on disk (vectors.npy) and re-score RERANK x k "
+        "candidates per query (default 10 for ivfpq/opq, 0 otherwise; 0 keeps no vectors)",
+    )
     a.add_argument("--pq-m", type=int, help="PQ code bytes per vector for ivfpq/opq (a divisor of the dimension)")
     a.add_argument("--nlist", type=int, help="IVF lists (default about 2 sqrt(N))")
     a.add_argument("--nprobe", type=int, help="IVF lists searched per query (default 16)")
@@ -91,8 +98,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--weights", help="weights file for --backbone")
     p.add_argument("--json", dest="json_out", help="write results as JSON to this file ('-' for stdout)")
     p.add_argument("--sheet", help="write a contact sheet (PNG) of each query beside its results")
-    p.add_argument("--rerank", type=int, help="re-score RERANK x k candidates with the exact vectors (default: the "
-                   "index's own setting; needs an index built with vectors on disk)")
+    p.add_argument(
+        "--rerank",
+        type=int,
+        help="re-score RERANK x k candidates with the exact vectors (default: the "
+        "index's own setting; needs an index built with vectors on disk)",
+    )
     p.add_argument("--cache-dir", help="feature cache folder")
 
 
