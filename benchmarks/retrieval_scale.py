@@ -36,7 +36,7 @@ import faiss
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from headstart.features.retrieval import ImageIndex, default_params
+from headstart.features.retrieval import TRAIN_ROWS, ImageIndex, default_params, training_size
 from retrieval import embedding_like
 
 RESULTS = Path(__file__).parent / "results" / "retrieval_scale_cpu.json"
@@ -130,8 +130,9 @@ def build(kinds: list[str], data: Collection, queries: np.ndarray, k: int, hnsw_
             if name == "hnsw" and stats[name]["build_s"] > hnsw_seconds:
                 continue  # time-boxed
             before, tic = anon_rss(), time.perf_counter()
-            if index.index is None:
-                index.train(x, count=data.n)
+            if index.index is None:  # on as many rows as the product trains on (build_index samples these)
+                need = training_size(name, default_params(name, data.n, DIM))
+                index.train(x[: max(need, TRAIN_ROWS) if need else len(x)], count=data.n)
             index.add(x)
             stats[name]["build_s"] += time.perf_counter() - tic
             stats[name]["ram_bytes"] += anon_rss() - before

@@ -14,6 +14,13 @@ from pathlib import Path
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     """Add the autoencoder, index and search sub-parsers."""
+    _add_autoencoder_parser(sub)
+    _add_index_parser(sub)
+    _add_search_parser(sub)
+
+
+def _add_autoencoder_parser(sub: argparse._SubParsersAction) -> None:
+    """``autoencoder train`` and ``autoencoder score``."""
     p = sub.add_parser("autoencoder", help="train an autoencoder on unlabelled images, or score images by it")
     actions = p.add_subparsers(dest="action", required=True)
     a = actions.add_parser("train", help="train a (conv or pretrained-encoder) autoencoder; labels are ignored")
@@ -42,6 +49,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--batch-size", type=int, default=32)
     a.add_argument("--output", help="also write path,score rows to this CSV file")
 
+
+def _add_index_parser(sub: argparse._SubParsersAction) -> None:
+    """``index build``, ``add``, ``remove`` and ``evaluate``."""
     p = sub.add_parser("index", help="build, grow, shrink or evaluate an image retrieval index")
     actions = p.add_subparsers(dest="action", required=True)
     a = actions.add_parser("build", help="embed images (through the cache) into a FAISS index")
@@ -90,6 +100,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     a.add_argument("-k", type=int, nargs="+", default=[1, 5, 10], help="cut-offs (default 1 5 10)")
     a.add_argument("--json", dest="json_out", help="also write the metrics to this JSON file")
 
+
+def _add_search_parser(sub: argparse._SubParsersAction) -> None:
+    """``search``: the nearest indexed images of each query."""
     p = sub.add_parser("search", help="find the indexed images most like each query image")
     p.add_argument("index", help="index folder")
     p.add_argument("queries", nargs="+", help="query image files or folders")

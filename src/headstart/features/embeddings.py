@@ -386,7 +386,6 @@ def write_embeddings(
         workers: worker processes per rank, as for :func:`embed` (none for a shard under 64 images: starting them
             would cost more than they save).
     """
-    from headstart.hardware import single_process
     from headstart.models.backbones import create_backbone
 
     if shard_size < 1:
@@ -409,48 +408,75 @@ def write_embeddings(
     for k in range(rank, count, world):
         start, stop = k * shard_size, min((k + 1) * shard_size, len(records))
         source = digest_of(["\0".join(row) for row in described[start:stop]])
-        name = shard_name(k)
-        try:
-            info = read_shard_info(out, name)
-            if (info.start, info.stop, info.source, info.key) == (start, stop, source, key):
-                read_shard(out, name, info.rows)  # every byte checked, not only the description
-                kept += 1
-                continue
-            notes.append(f"shard {out / SHARDS_DIR / name} was made from other images or settings; computed again")
-        except FileNotFoundError:
-            pass
-        except IntegrityError as error:
-            notes.append(f"{error} -- computing it again")
-            progress.log(f"[yellow]{notes[-1]}")  # at once: the user sees which shard was damaged before waiting
-        tic, began = time.perf_counter(), time.time()
-        with single_process():  # this rank's shard alone: no collective inside
-            result = embed(model, records[start:stop], batch_size=batch_size, precision=resolved, device=device,
-                           use_cache=use_cache, cache_root=root, l2_normalize=l2_normalize,
-                workers=workers if stop - start >= 64 else 0,
-                           description=f"shard {k + 1}/{count}")  # fmt: skip
-        rows = [described[start + int(i)] for i in result.index]
-        seconds = time.perf_counter() - tic
-        write_shard(out, k, result.features, rows, {
-            "start": start, "stop": stop, "source": source, "key": key,
-            "failed": [[str(p), why] for p, why in result.failed], "rank": rank, "began": began,
-            "finished": time.time(), "seconds": seconds, "hits": result.hits, "computed": result.computed,
-        })  # fmt: skip
+        if _shard_is_current(out, shard_name(k), (start, stop, source, key), notes):
+            kept += 1
+            continue
+        options = {"batch_size": batch_size, "precision": resolved, "device": device, "use_cache": use_cache,
+                   "cache_root": root, "l2_normalize": l2_normalize,
+                   "workers": workers if stop - start >= 64 else 0}  # fmt: skip
+        result = _embed_shard(out, k, count, model, records, described, (start, stop, source, key), rank, options)
         hits, computed = hits + result.hits, computed + result.computed
-        progress.log(f"shard {k + 1}/{count} written: {len(rows)} rows, {(stop - start) / max(seconds, 1e-9):.1f} "
-                     f"images/s")  # fmt: skip
     if world > 1:  # every rank's shards are on the disk once this returns
-        import torch.distributed as dist
-
-        everyone: list[Any] = [None] * world
-        dist.all_gather_object(everyone, (kept, hits, computed, notes))
-        kept, hits, computed = (sum(part[i] for part in everyone) for i in range(3))
-        notes = [note for part in everyone for note in part[3]]
+        kept, hits, computed, notes = _gather_counts(world, kept, hits, computed, notes)
     run = _finish(out, count, model, weights, settings, classes, rank == 0)
     if world > 1:  # no rank returns before meta.json exists: the caller may read the folder next
         import torch.distributed as dist
 
         dist.barrier()
     return EmbedRun(out, run[0], run[1], count, kept, hits, computed, run[2], notes)
+
+
+def _embed_shard(
+    out: Path, k: int, count: int, model: Backbone | PreparedBackbone, records: Sequence[ImageRecord],
+    described: Sequence[tuple[str, str, str, str]], span: tuple[int, int, str, str], rank: int, options: dict[str, Any],
+) -> Embeddings:  # fmt: skip
+    """Embed shard ``k`` of ``count`` (``span``: start, stop, source digest, settings key) by :func:`embed` with
+    ``options``, write it with its description, and log its speed; returns what :func:`embed` returned."""
+    from headstart.hardware import single_process
+
+    start, stop, source, key = span
+    tic, began = time.perf_counter(), time.time()
+    with single_process():  # this rank's shard alone: no collective inside
+        result = embed(model, records[start:stop], description=f"shard {k + 1}/{count}", **options)
+    rows = [described[start + int(i)] for i in result.index]
+    seconds = time.perf_counter() - tic
+    write_shard(out, k, result.features, rows, {
+        "start": start, "stop": stop, "source": source, "key": key,
+        "failed": [[str(p), why] for p, why in result.failed], "rank": rank, "began": began,
+        "finished": time.time(), "seconds": seconds, "hits": result.hits, "computed": result.computed,
+    })  # fmt: skip
+    progress.log(f"shard {k + 1}/{count} written: {len(rows)} rows, {(stop - start) / max(seconds, 1e-9):.1f} "
+                 f"images/s")  # fmt: skip
+    return result
+
+
+def _shard_is_current(out: Path, name: str, expected: tuple[int, int, str, str], notes: list[str]) -> bool:
+    """Whether shard ``name`` was made from these records and settings (``expected``: start, stop, source digest,
+    settings key) and reads back whole; why it is computed again, where it exists but is not, goes to ``notes``."""
+    try:
+        info = read_shard_info(out, name)
+        if (info.start, info.stop, info.source, info.key) == expected:
+            read_shard(out, name, info.rows)  # every byte checked, not only the description
+            return True
+        notes.append(f"shard {out / SHARDS_DIR / name} was made from other images or settings; computed again")
+    except FileNotFoundError:
+        pass
+    except IntegrityError as error:
+        notes.append(f"{error} -- computing it again")
+        progress.log(f"[yellow]{notes[-1]}")  # at once: the user sees which shard was damaged before waiting
+    return False
+
+
+def _gather_counts(
+    world: int, kept: int, hits: int, computed: int, notes: list[str]
+) -> tuple[int, int, int, list[str]]:
+    """Every rank's shards kept, cache hits, images computed and notes, summed over the ``world`` ranks."""
+    import torch.distributed as dist
+
+    everyone: list[Any] = [None] * world
+    dist.all_gather_object(everyone, (kept, hits, computed, notes))
+    kept, hits, computed = (sum(part[i] for part in everyone) for i in range(3))
+    return kept, hits, computed, [note for part in everyone for note in part[3]]
 
 
 def _row(record: ImageRecord, split: str, classes: Sequence[str]) -> tuple[str, str, str, str]:

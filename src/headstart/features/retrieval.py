@@ -292,6 +292,52 @@ def _apply_params(index: faiss.Index, kind: str, params: dict[str, int]) -> None
         inner.hnsw.efSearch = int(params["ef_search"])
 
 
+def _check_files(folder: Path, meta: dict[str, Any], checked: bool, sums: dict[str, str]) -> None:
+    """Every file ``meta`` lists is in ``folder`` and matches its checksum (``checked``: by checksums.json; format 1
+    folders older than it: by ``sums``, the digests in meta.json).
+
+    Raises:
+        IndexFileError: a file missing or not matching, named.
+    """
+    fmt = meta.get("format")
+    names = [INDEX_FILE, ITEMS_FILE] + ([VECTORS_FILE] if meta.get("vectors") else [])
+    for name in names:
+        path = folder / name
+        if not path.is_file():
+            raise IndexFileError(f"{path} is missing; the index folder is incomplete, {REBUILD}")
+        if checked:
+            _verify_file(folder, name)
+        elif fmt == 1 and _file_sha256(path) == sums.get(name):
+            pass  # a folder older than checksums.json
+        else:
+            reference = folder / (META_FILE if fmt == 1 else "checksums.json")
+            raise IndexFileError(
+                f"{path} does not match {reference} (checksum differs or is missing): it was modified, truncated or "
+                f"copied from another index. {REBUILD.capitalize()}."
+            )
+
+
+def _read_faiss(folder: Path, kind: str, dim: int, params: dict[str, int], mmap: bool) -> Any:
+    """The FAISS index in ``folder`` (memory-mapped with ``mmap``), its search parameters applied.
+
+    Raises:
+        IndexFileError: FAISS cannot read the file, or its width is not ``dim``.
+    """
+    # IVF lists map through FAISS's on-disk lists (which need a plain file reader); flat and SQ codes through
+    # IO_FLAG_MMAP_IFC (FAISS 1.8+; older ones read them into memory).
+    flags = (faiss.IO_FLAG_MMAP if kind in IVF_KINDS else getattr(faiss, "IO_FLAG_MMAP_IFC", 0)) if mmap else 0
+    try:
+        index = faiss.read_index(str(folder / INDEX_FILE), flags)
+    except RuntimeError as error:
+        raise IndexFileError(
+            f"{folder / INDEX_FILE}: FAISS cannot read it ({str(error).strip().splitlines()[-1]}); {REBUILD}"
+        ) from error
+    _apply_params(index, kind, params)
+    if index.d != dim:
+        raise IndexFileError(f"{folder / INDEX_FILE} holds {index.d}-d vectors but {folder / META_FILE} says {dim}")
+    return index
+
+
 def _unit(vectors: np.ndarray) -> np.ndarray:
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     if vectors.ndim != 2:
@@ -528,38 +574,14 @@ class ImageIndex:
             raise IndexFileError(f"{meta_path} has format {fmt!r}; this headstart reads formats {readable}: {REBUILD}")
         if kind not in KINDS:
             raise IndexFileError(f"{meta_path} names index kind {kind!r}, unknown here (known: {', '.join(KINDS)})")
-        names = [INDEX_FILE, ITEMS_FILE] + ([VECTORS_FILE] if meta.get("vectors") else [])
-        for name in names:
-            path = folder / name
-            if not path.is_file():
-                raise IndexFileError(f"{path} is missing; the index folder is incomplete, {REBUILD}")
-            if checked:
-                _verify_file(folder, name)
-            elif fmt == 1 and _file_sha256(path) == sums.get(name):
-                pass  # a folder older than checksums.json
-            else:
-                raise IndexFileError(
-                    f"{path} does not match {meta_path if fmt == 1 else folder / 'checksums.json'} (checksum differs "
-                    f"or is missing): it was modified, truncated or copied from another index. {REBUILD.capitalize()}."
-                )
+        _check_files(folder, meta, checked, sums)
         out = cls(dim, kind, params, {k: v for k, v in meta.items() if k not in _OWN_KEYS})
         out.next_id = next_id
         with (folder / ITEMS_FILE).open(newline="") as handle:
             out.items = {int(r["id"]): Item(int(r["id"]), r["path"], r["label"], r["digest"])
                          for r in csv.DictReader(handle)}  # fmt: skip
         if (folder / INDEX_FILE).stat().st_size:
-            # IVF lists map through FAISS's on-disk lists (which need a plain file reader); flat and SQ codes through
-            # IO_FLAG_MMAP_IFC (FAISS 1.8+; older ones read them into memory).
-            flags = (faiss.IO_FLAG_MMAP if kind in IVF_KINDS else getattr(faiss, "IO_FLAG_MMAP_IFC", 0)) if mmap else 0
-            try:
-                out.index = faiss.read_index(str(folder / INDEX_FILE), flags)
-            except RuntimeError as error:
-                raise IndexFileError(
-                    f"{folder / INDEX_FILE}: FAISS cannot read it ({str(error).strip().splitlines()[-1]}); {REBUILD}"
-                ) from error
-            _apply_params(out.index, kind, params)
-            if out.index.d != dim:
-                raise IndexFileError(f"{folder / INDEX_FILE} holds {out.index.d}-d vectors but {meta_path} says {dim}")
+            out.index = _read_faiss(folder, kind, dim, params, mmap)
         out.read_only = mmap
         if meta.get("vectors"):
             try:
@@ -708,25 +730,16 @@ def build_index(
     Returns:
         The index and the files that could not be read.
     """
-    from headstart.features.embeddings import write_embeddings
     from headstart.features.shards import iter_embedding_shards, read_meta, sample_vectors
 
     folder = Path(out)
     if (folder / META_FILE).exists() and not overwrite:
         raise FileExistsError(f"index folder {folder} already exists; pass --overwrite or choose another --out")
     if embeddings is None:
-        if data is None:
-            raise ValueError("give images to index, or an embeddings folder (--embeddings DIR)")
-        inputs = [data] if isinstance(data, (str, os.PathLike)) else list(data)
-        source = folder / EMBEDDINGS_DIR
-        run = write_embeddings(inputs, source, backbone, weights, batch_size=batch_size, precision=precision,
-                               cache_dir=cache_dir, shard_size=shard_size)  # fmt: skip
-        failed = run.failed
-        if not run.rows and not failed:
-            raise DataError(f"no images found in {[str(i) for i in inputs]}")
+        source, failed = _embed_into(data, folder / EMBEDDINGS_DIR, backbone, weights, batch_size=batch_size,
+                                     precision=precision, cache_dir=cache_dir, shard_size=shard_size)  # fmt: skip
     else:
-        source = Path(embeddings)
-        failed = []
+        source, failed = Path(embeddings), []
     described = read_meta(source)
     failed = failed or [(Path(p), why) for p, why in described.get("failed", [])]
     meta = {key: described.get(key) for key in ("backbone", "weights", "weights_source", "fingerprint",
@@ -744,6 +757,29 @@ def build_index(
         index.add(vectors, [(r["path"], r["label"], r["digest"]) for r in rows])
     index.save(folder)
     return index, failed
+
+
+def _embed_into(
+    data: Sequence[str | os.PathLike[str]] | str | os.PathLike[str] | None, source: Path, backbone: str,
+    weights: str | None, **options: Any,
+) -> tuple[Path, list[tuple[Path, str]]]:  # fmt: skip
+    """Embed ``data`` into the shards folder ``source`` (resumable, see
+    :func:`headstart.features.embeddings.write_embeddings`, which takes ``options``); returns it and the files that
+    could not be read.
+
+    Raises:
+        ValueError: no ``data``.
+        DataError: ``data`` holds no image.
+    """
+    from headstart.features.embeddings import write_embeddings
+
+    if data is None:
+        raise ValueError("give images to index, or an embeddings folder (--embeddings DIR)")
+    inputs = [data] if isinstance(data, (str, os.PathLike)) else list(data)
+    run = write_embeddings(inputs, source, backbone, weights, **options)
+    if not run.rows and not run.failed:
+        raise DataError(f"no images found in {[str(i) for i in inputs]}")
+    return source, run.failed
 
 
 def _plan(kind: str, n: int, dim: int, params: dict[str, int] | None, memory_budget: str | int | None,
