@@ -26,9 +26,8 @@ lint: $(VENV)/.installed
 typecheck: $(VENV)/.installed
 	$(VENV)/bin/mypy
 
-# Two workers, each file kept on one (module fixtures are shared within a file): 2 cores are busier that way.
 test: lint typecheck
-	$(VENV)/bin/pytest -q -n 2 --dist loadfile
+	$(VENV)/bin/pytest -q
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/embed_throughput.py
