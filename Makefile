@@ -26,8 +26,11 @@ lint: $(VENV)/.installed
 typecheck: $(VENV)/.installed
 	$(VENV)/bin/mypy
 
+# Two pytest-xdist workers, each file kept on one (module fixtures are shared within a file), then the int8 file in
+# a process of its own: under xdist its ants/bees agreement check fell to 0.967 in two of three runs (cause not found).
 test: lint typecheck
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q -n 2 --dist loadfile --ignore tests/test_quantize.py
+	$(VENV)/bin/pytest -q tests/test_quantize.py
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/embed_throughput.py

@@ -168,8 +168,10 @@ def run_phase(phase: str, n: int, n_queries: int, k: int, hnsw_seconds: float, m
             if "ef_search" in setting:
                 faiss.downcast_index(faiss.downcast_index(index.index).index).hnsw.efSearch = setting["ef_search"]
             kw = {"rerank": setting["rerank"]} if "rerank" in setting else {}
-            if "rerank" in setting and index.store is None:
-                continue
+            if "rerank" in setting and index.store is None:  # no vectors kept: only the rerank-free setting
+                if setting["rerank"]:
+                    continue
+                kw = {}
             ids, single, batch = timed(index, queries, k, **kw)
             rec = None if partial else recall(ids, truth)  # partial: exact neighbours among the indexed unknown
             row = {"phase": phase, "kind": name, "n": n, "indexed": stats[name]["n"],
