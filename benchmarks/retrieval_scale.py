@@ -157,7 +157,7 @@ def run_phase(phase: str, n: int, n_queries: int, k: int, hnsw_seconds: float, m
         if name in ("ivfsq8", "ivfpq", "opq", "ivf"):
             settings = [{"nprobe": p} for p in (16, 32, 64)]
         if name in ("ivfpq", "opq", "sq8", "ivfsq8"):
-            settings = [{**s, "rerank": r} for s in settings for r in (0, 10)]
+            settings = [{**s, "rerank": r} for s in settings for r in (0, 10, 30)]
         if name == "hnsw":
             settings = [{"ef_search": e} for e in (64, 128)]
         partial = stats[name]["n"] < n
