@@ -167,11 +167,9 @@ def run_phase(phase: str, n: int, n_queries: int, k: int, hnsw_seconds: float, m
                 faiss.extract_index_ivf(index.index).nprobe = setting["nprobe"]
             if "ef_search" in setting:
                 faiss.downcast_index(faiss.downcast_index(index.index).index).hnsw.efSearch = setting["ef_search"]
-            kw = {"rerank": setting["rerank"]} if "rerank" in setting else {}
-            if "rerank" in setting and index.store is None:  # no vectors kept: only the rerank-free setting
-                if setting["rerank"]:
-                    continue
-                kw = {}
+            if setting.get("rerank") and index.store is None:
+                continue  # no vectors kept: only the rerank-free setting is measured
+            kw = {"rerank": setting["rerank"]} if "rerank" in setting and index.store is not None else {}
             ids, single, batch = timed(index, queries, k, **kw)
             rec = None if partial else recall(ids, truth)  # partial: exact neighbours among the indexed unknown
             row = {"phase": phase, "kind": name, "n": n, "indexed": stats[name]["n"],

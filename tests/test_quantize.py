@@ -201,7 +201,8 @@ def test_service_serves_the_int8_model(tiny_extract: Path) -> None:
 @pytest.mark.slow
 def test_int8_efficientnet_lite0_agrees_with_fp32_on_ants_and_bees(hymenoptera: Path, tmp_path: Path) -> None:
     # Under pytest-xdist (2026-12-06/07) the export refused at 0.967 in two of three runs, once with this private
-    # cache and once with a shared one; serial runs passed. Cause not found; `make test` runs serially.
+    # cache and once with a shared one; serial runs passed. Cause not found; `make test` runs this file in a process
+    # of its own, after the xdist run of the others.
     result = headstart.train(hymenoptera, strategy="extract", backbone="efficientnet_lite0", out=str(tmp_path / "run"),
                              cache_dir=str(tmp_path / "cache"), **{"run.report": False})  # fmt: skip
     run = result.run_dir

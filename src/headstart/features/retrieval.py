@@ -736,8 +736,9 @@ def build_index(
     if (folder / META_FILE).exists() and not overwrite:
         raise FileExistsError(f"index folder {folder} already exists; pass --overwrite or choose another --out")
     if embeddings is None:
-        source, failed = _embed_into(data, folder / EMBEDDINGS_DIR, backbone, weights, batch_size=batch_size,
-                                     precision=precision, cache_dir=cache_dir, shard_size=shard_size)  # fmt: skip
+        source = folder / EMBEDDINGS_DIR
+        failed = _embed_into(data, source, backbone, weights, batch_size=batch_size, precision=precision,
+                             cache_dir=cache_dir, shard_size=shard_size)  # fmt: skip
     else:
         source, failed = Path(embeddings), []
     described = read_meta(source)
@@ -762,10 +763,10 @@ def build_index(
 def _embed_into(
     data: Sequence[str | os.PathLike[str]] | str | os.PathLike[str] | None, source: Path, backbone: str,
     weights: str | None, **options: Any,
-) -> tuple[Path, list[tuple[Path, str]]]:  # fmt: skip
+) -> list[tuple[Path, str]]:  # fmt: skip
     """Embed ``data`` into the shards folder ``source`` (resumable, see
-    :func:`headstart.features.embeddings.write_embeddings`, which takes ``options``); returns it and the files that
-    could not be read.
+    :func:`headstart.features.embeddings.write_embeddings`, which takes ``options``); returns the files that could
+    not be read.
 
     Raises:
         ValueError: no ``data``.
@@ -779,7 +780,7 @@ def _embed_into(
     run = write_embeddings(inputs, source, backbone, weights, **options)
     if not run.rows and not run.failed:
         raise DataError(f"no images found in {[str(i) for i in inputs]}")
-    return source, run.failed
+    return run.failed
 
 
 def _plan(kind: str, n: int, dim: int, params: dict[str, int] | None, memory_budget: str | int | None,
