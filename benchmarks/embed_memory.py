@@ -3,7 +3,7 @@ random crops and re-encoding, so every file is distinct), with the baseline of t
 
     python benchmarks/embed_memory.py [--count 10000]
     python benchmarks/embed_memory.py --command train --classes 100   # the default recipe on 100 classes
-    python benchmarks/embed_memory.py --command train --count 100000 --classes 100 --data /tmp/gen100k
+    python benchmarks/embed_memory.py --command train --count 100000 --classes 100 --data /tmp/gen100k --cache /tmp/c
 
 ``--data DIR`` keeps the generated images in DIR (made there on the first run, reused after), so a long run's images
 serve later benchmarks too (benchmarks/retrieval_scale.py's real-image run reads the same folder).
@@ -122,6 +122,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, help="keep the generated images here (made on the first run, reused)")
     parser.add_argument("--log", type=Path, help="write the large run's output to this file")
     parser.add_argument("--out", type=Path, help="keep the large run's output folder here")
+    parser.add_argument("--cache", type=Path, help="keep the large run's feature cache here (a killed run resumes)")
     args = parser.parse_args()
     classes = args.classes if args.command == "train" else 0
     from headstart.data.demo import hymenoptera
@@ -146,7 +147,7 @@ def main() -> None:
             os.environ.pop("HEADSTART_QUIET")  # the large run's progress goes to its log
         out = args.out or root / "e10k"
         many_rss, many_pss, many_s = peak_of(
-            [*base, "--cache-dir", str(root / "cache"), "--out", str(out), str(many)], args.log
+            [*base, "--cache-dir", str(args.cache or root / "cache"), "--out", str(out), str(many)], args.log
         )
     few = max(100, 3 * classes)
     print(f"{few} images:    peak PSS {few_pss:6.0f} MiB (RSS sum {few_rss:6.0f} MiB), {few_s:6.1f} s")
