@@ -114,6 +114,8 @@ def test_auto_run_records_its_recipe_and_predicts_what_it_validated(
     recipe = info["recipe"]
     assert recipe.startswith("auto: frozen tiny_cnn features (64)") and "mirror image" in recipe
     assert "cross-validation on the training split" in recipe
+    # the scaling CV chose, in words (it once read "feature feature scaling")
+    assert ("per-feature scaling" in recipe) != ("one global scale" in recipe) and "feature feature" not in recipe
     assert "recipe" in result.history[0]
     # the saved model (mirror inside its forward) gives the validation metrics the head was chosen on
     metrics = headstart.load(tmp_path / "run").evaluate(image_folder)

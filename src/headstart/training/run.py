@@ -569,6 +569,12 @@ def _row_labels(dataset: Dataset, records: list[Any], index: np.ndarray) -> np.n
     return np.array([records[i].label for i in index], dtype=np.int64)
 
 
+def _scaling(info: dict[str, Any]) -> str:
+    """The head's feature scaling in words: ``feature`` is per-feature standardisation, ``global`` one scale."""
+    scaling = info.get("scaling")
+    return {"feature": "per-feature scaling", "global": "one global scale"}.get(str(scaling), f"{scaling} scaling")
+
+
 def recipe_line(config: TrainConfig, backbone: Backbone | PreparedBackbone, info: dict[str, Any]) -> str:
     """One readable line: what the frozen-feature recipe decided, and why."""
     prep = backbone.preprocessing
@@ -584,13 +590,13 @@ def recipe_line(config: TrainConfig, backbone: Backbone | PreparedBackbone, info
     if info.get("multi_label"):
         strengths = ", ".join(f"{name} {c}" for name, c in info["C"].items())
         cuts = ", ".join(f"{name} {t:.3f}" for name, t in info["thresholds"].items())
-        head = (f"one-vs-rest logistic heads, {info.get('scaling')} feature scaling, C per label ({strengths}), "
+        head = (f"one-vs-rest logistic heads, {_scaling(info)}, C per label ({strengths}), "
                 f"F1-maximising thresholds ({cuts}) from out-of-fold probabilities on the training split")  # fmt: skip
         head += f" (fixed C and threshold 0.5: {info['cv_skipped']})" if "cv_skipped" in info else ""
     elif info.get("head") == "knn":
         head = f"kNN head, k={info.get('k')}"
     else:
-        head = f"logistic head, C={info.get('C')}, {info.get('scaling')} feature scaling"
+        head = f"logistic head, C={info.get('C')}, {_scaling(info)}"
         if "cv_skipped" in info:  # nothing could be cross-validated: say what was fixed instead, and why
             head += f" (fixed: {info['cv_skipped']}, so cross-validation could not choose)"
         else:  # what cross-validation on the training split chose (the rest was set beforehand)
