@@ -5,10 +5,11 @@ unlabelled pool (its labels hidden) and the validation split measures accuracy. 
 images per class, then adds ``--per-class`` x classes images per round, for ``--rounds`` rounds, chosen by:
 
 * ``random``: uniformly from the pool;
-* ``suggest``: :func:`headstart.insight.suggest.rank_pool`, the ranking ``headstart suggest`` uses (margin
-  uncertainty and k-center novelty, ``diversity`` 0.5), from the current head's probabilities and the frozen
-  features;
-* ``margin`` (diversity 0) and ``kcenter`` (diversity 1): the mix's two ends, as an ablation.
+* ``suggest``: :func:`headstart.insight.suggest.rank_typical`, the ranking ``headstart suggest`` uses by default
+  (typical images of uncovered, uncertain groups), from the current head's probabilities and the frozen features;
+* ``mix``: :func:`headstart.insight.suggest.rank_pool` (``--method mix``: margin uncertainty and k-center novelty,
+  ``diversity`` 0.5), the default before; ``margin`` (diversity 0) and ``kcenter`` (diversity 1): the mix's two
+  ends, as an ablation.
 
 After each round the head is refitted on the labelled images and scored on val. The head is the default recipe's
 logistic head on the default features, but with its C and feature scaling chosen once per seed, by the default
@@ -44,13 +45,13 @@ import numpy as np
 
 # The script's own folder is first on sys.path when it runs: the backtest's loaders are shared.
 from curve_backtest import SETS, machine, set_features, set_path
-from headstart.insight.suggest import rank_pool
+from headstart.insight.suggest import rank_pool, rank_typical
 from headstart.models.heads import fit_logistic, predict_proba
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 START = 5  # labelled images per class at the start
 CONFIDENT = 0.9  # pseudo-label threshold of the self-training arm
-ARMS = {"suggest": 0.5, "margin": 0.0, "kcenter": 1.0}  # diversity of each ranking arm
+ARMS: dict[str, float | None] = {"suggest": None, "mix": 0.5, "margin": 0.0, "kcenter": 1.0}  # mix diversity
 
 
 def fixed_head(x: np.ndarray, y: np.ndarray, k: int, seed: int) -> Callable[..., Callable[[np.ndarray], np.ndarray]]:
@@ -65,14 +66,14 @@ def fixed_head(x: np.ndarray, y: np.ndarray, k: int, seed: int) -> Callable[...,
     return fit
 
 
-def simulate(path: Path, seeds: int, rounds: int, per_class: int) -> dict[str, Any]:
+def simulate(path: Path, seeds: int, rounds: int, per_class: int, first_seed: int = 0) -> dict[str, Any]:
     """Every arm on one set: accuracy after each round, per seed."""
     _, dataset, (x, y), (vx, vy) = set_features(path)
     k = len(dataset.classes)
     step = per_class * k
     tic = time.perf_counter()
     curves: dict[str, list[list[float]]] = {a: [] for a in ("random", *ARMS, "self-training")}
-    for seed in range(seeds):
+    for seed in range(first_seed, first_seed + seeds):
         rng = np.random.default_rng(seed)
         start = np.concatenate([rng.permutation(np.flatnonzero(y == c))[:START] for c in range(k)])
         fit = fixed_head(x[start], y[start], k, seed)
@@ -105,7 +106,10 @@ def simulate(path: Path, seeds: int, rounds: int, per_class: int) -> dict[str, A
                 if r == rounds:
                     break
                 rest = np.setdiff1d(np.arange(len(y)), rows)
-                picked = rank_pool(proba(x[rest]), x[rest], x[rows], step, diversity).order
+                if diversity is None:
+                    picked = rank_typical(proba(x[rest]), x[rest], x[rows], step).order
+                else:
+                    picked = rank_pool(proba(x[rest]), x[rest], x[rows], step, diversity).order
                 rows = np.concatenate([rows, rest[picked]])
             curves[arm].append(accs)
     labels = [k * START + r * step for r in range(rounds + 1)]
@@ -149,7 +153,7 @@ def figure(results: dict[str, Any], path: Path) -> None:
     sets = results["sets"]
     fig, axes = plt.subplots(1, len(sets), figsize=(3.2 * len(sets), 3.0), squeeze=False)
     for ax, (name, s) in zip(axes[0], sets.items(), strict=True):
-        for arm, style in (("random", "k--"), ("suggest", "C0-"), ("margin", "C1:"), ("kcenter", "C2:"),
+        for arm, style in (("random", "k--"), ("suggest", "C0-"), ("mix", "C4:"), ("margin", "C1:"), ("kcenter", "C2:"),
                            ("self-training", "C3-.")):  # fmt: skip
             ax.plot(s["labels"], s["mean"][arm], style, label=arm, lw=1.5 if arm in ("random", "suggest") else 1)
         ax.set_title(name, fontsize=9)
@@ -167,8 +171,8 @@ def table(results: dict[str, Any]) -> str:
     """Markdown table: accuracy at the start and at the end, labels to match random."""
     lines = [
         "| set | labels (start -> end) | random start -> end | suggest end | suggest: share of random's labels "
-        "to match it | margin | k-center | self-training gain (points) |",
-        "|---|---|---|---|---|---|---|---|",
+        "to match it | mix | margin | k-center | self-training gain (points) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, s in results["sets"].items():
         m, sh = s["mean"], s["share_to_match_random"]
@@ -177,10 +181,12 @@ def table(results: dict[str, Any]) -> str:
             return f"{100 * sh[a]['share']:.0f}%" if sh[a]["reached"] else "not reached"
 
         lines.append(f"| {name} | {s['labels'][0]} -> {s['labels'][-1]} | {m['random'][0]:.3f} -> {m['random'][-1]:.3f}"
-                     f" | {m['suggest'][-1]:.3f} | {cell('suggest')} | {cell('margin')} | {cell('kcenter')} | "
+                     f" | {m['suggest'][-1]:.3f} | {cell('suggest')} | {cell('mix')} | {cell('margin')} | "
+                     f"{cell('kcenter')} | "
                      f"{s['self_training_gain_points']:+.1f} |")  # fmt: skip
     s = results["summary"]
-    lines.append(f"| **mean** | | | | {100 * s['mean_share_suggest']:.0f}% | {100 * s['mean_share_margin']:.0f}% | "
+    lines.append(f"| **mean** | | | | {100 * s['mean_share_suggest']:.0f}% | {100 * s['mean_share_mix']:.0f}% | "
+                 f"{100 * s['mean_share_margin']:.0f}% | "
                  f"{100 * s['mean_share_kcenter']:.0f}% | {s['mean_self_training_gain_points']:+.1f} |")  # fmt: skip
     return "\n".join(lines)
 
@@ -190,15 +196,17 @@ def main() -> None:
     parser.add_argument("--data-root", type=Path, default=REPO_ROOT.parent / "shared" / "datasets")
     parser.add_argument("--sets", default=",".join(SETS))
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds first-seed ... first-seed + seeds - 1")
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--per-class", type=int, default=2, help="images added per round, per class of the set")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results" / "active_learning_cpu.json")
     parser.add_argument("--figure", type=Path, help="PNG of the curves")
     args = parser.parse_args()
-    results: dict[str, Any] = {"machine": machine(), "seeds": args.seeds, "rounds": args.rounds,
+    results: dict[str, Any] = {"machine": machine(), "seeds": args.seeds, "first_seed": args.first_seed,
+                               "rounds": args.rounds,
                                "per_class": args.per_class, "start_per_class": START, "sets": {}}  # fmt: skip
     for name in args.sets.split(","):
-        s = simulate(set_path(args.data_root, name), args.seeds, args.rounds, args.per_class)
+        s = simulate(set_path(args.data_root, name), args.seeds, args.rounds, args.per_class, args.first_seed)
         results["sets"][name] = s
         print(f"{name}: random {s['mean']['random'][-1]:.3f}, suggest {s['mean']['suggest'][-1]:.3f}, share "
               f"{s['share_to_match_random']['suggest']}, self-training {s['self_training_gain_points']:+.2f} points, "

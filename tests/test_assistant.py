@@ -15,8 +15,8 @@ from PIL import Image
 import headstart
 from headstart.cli import main
 from headstart.data.scan import Dataset, load_dataset
-from headstart.errors import BackboneError, DataError
-from headstart.insight.suggest import rank_pool, uncertainty
+from headstart.errors import BackboneError, ConfigError, DataError
+from headstart.insight.suggest import rank_pool, rank_typical, uncertainty
 from headstart.models.heads import fit_logistic, predict_proba
 from headstart.training.curve import curve_from_features, fit_power_law, nested_fractions
 
@@ -123,6 +123,31 @@ def test_rank_prefers_uncertain_and_novel_images_over_confident_ones() -> None:
     assert order[0] in (4, 5) and order[1] not in (4, 5)
 
 
+def test_typical_ranking_labels_the_centre_of_each_uncovered_uncertain_group() -> None:
+    centres = np.eye(4)[:3] * 10  # A (labelled), B and C (not); an outlier on the fourth axis
+
+    def group(centre: np.ndarray) -> np.ndarray:
+        others = [a for a in range(4) if centre[a] == 0]
+        ring = [centre + sign * 0.3 * np.eye(4)[a] for a in others for sign in (1, -1)]
+        return np.vstack([centre, *ring])  # the centre is the group's most typical image
+
+    labelled = group(centres[0])[:2]
+    pool = np.vstack([group(centres[0]), group(centres[1]), group(centres[2]), [[0.0, 0.0, 0.0, 10.0]]])
+    b, c, outlier = 7, 14, len(pool) - 1
+    probs = np.full((len(pool), 2), [0.95, 0.05])
+    probs[b : b + 7] = [0.55, 0.45]  # the model hesitates most over B, then C
+    probs[c : c + 7] = [0.7, 0.3]
+    probs[outlier] = [0.5, 0.5]  # the most uncertain image of all, but alone
+    ranked = rank_typical(probs, pool, labelled, budget=2)
+    assert ranked.order.tolist() == [b, c]
+    assert ranked.group is not None and ranked.group[:, 1].tolist() == [0, 0]  # both groups had no label yet
+    assert ranked.typicality is not None and np.allclose(ranked.typicality, 1.0)
+    assert ranked.score[0] >= ranked.score[1]
+    everything = rank_typical(probs, pool, labelled, budget=100).order  # budget above the pool: all, once each
+    assert sorted(everything.tolist()) == list(range(len(pool)))
+    assert rank_typical(probs, pool, np.zeros((0, 4)), budget=3).order.size == 3  # nothing labelled yet
+
+
 @pytest.fixture
 def tiny_run(folder_factory, tiny_weights: Path, cache_dir: Path, tmp_path: Path) -> tuple[Path, Path]:  # type: ignore[no-untyped-def]
     data = folder_factory("data", {"train": 8, "val": 4})
@@ -170,8 +195,14 @@ def test_suggest_writes_csv_sheet_and_links_and_leaves_out_copies(
     assert [s.path.name for s in result.skipped] == ["broken.jpg"]
     rows = list(csv.DictReader((tmp_path / "s" / "suggestions.csv").open()))
     assert [r["rank"] for r in rows] == ["1", "2", "3", "4", "5"]
-    assert set(rows[0]) == {"rank", "path", "score", "predicted", "probability", "uncertainty", "novelty", "why"}
-    assert all(r["predicted"] in ("horizontal", "vertical") and r["why"] for r in rows)
+    assert set(rows[0]) == {"rank", "path", "score", "predicted", "probability", "uncertainty", "novelty",
+                            "typicality", "why"}  # fmt: skip
+    assert all(r["predicted"] in ("horizontal", "vertical") for r in rows)
+    assert all(r["why"].startswith(("typical of a group", "alone")) for r in rows)
+    mixed = headstart.suggest(run, pool, budget=5, method="mix", out=tmp_path / "s3")  # the former default, kept
+    assert len(mixed.suggestions) == 5 and all(s.why.startswith(("uncertain", "novel")) for s in mixed.suggestions)
+    with pytest.raises(ConfigError, match="unknown suggest method"):
+        headstart.suggest(run, pool, budget=5, method="entropy", out=tmp_path / "s4")
     assert (tmp_path / "s" / "contact_sheet.png").stat().st_size > 0
     links = [p for p in (tmp_path / "s" / "by_class").rglob("*") if not p.is_dir()]
     assert len(links) == 5 and all(p.is_symlink() and p.resolve().exists() for p in links)

@@ -24,8 +24,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("unlabelled", help="folder of unlabelled images")
     p.add_argument("--budget", type=int, required=True, help="how many images to suggest")
     p.add_argument("--labelled", help="the labelled data (default: the data the run was trained on)")
+    p.add_argument("--method", choices=["typical", "mix"], default="typical",
+                   help="typical: typical images of uncovered, uncertain groups (default); mix: uncertainty and "
+                   "novelty")  # fmt: skip
     p.add_argument("--diversity", type=float, default=0.5,
-                   help="weight of novelty against uncertainty, 0 to 1 (default 0.5)")  # fmt: skip
+                   help="mix only: weight of novelty against uncertainty, 0 to 1 (default 0.5)")  # fmt: skip
     p.add_argument("--symlinks", action="store_true", help="also link the picks into by_class/<predicted class>/")
     p.add_argument("--out", help="folder for suggestions.csv and contact_sheet.png (default runs/suggest-<time>)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
@@ -50,7 +53,7 @@ def _suggest(args: argparse.Namespace) -> int:
     from headstart.insight.suggest import suggest
 
     result = suggest(args.run, args.unlabelled, args.budget, out=args.out, labelled=args.labelled,
-                     diversity=args.diversity, symlinks=args.symlinks, overwrite=args.overwrite,
+                     method=args.method, diversity=args.diversity, symlinks=args.symlinks, overwrite=args.overwrite,
                      batch_size=args.batch_size)  # fmt: skip
     for note in result.notes:
         print(f"note: {note}")

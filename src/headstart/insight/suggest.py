@@ -1,6 +1,20 @@
 """Which images should be labelled first? Rank a pool of unlabelled images for labelling (active learning).
 
-The ranking mixes two things, picked greedily one image at a time:
+Two rankings. The default, ``typical``, is TypiClust (Hacohen, Dekel and Weinshall, "Active learning on a budget",
+ICML 2022) with the model's uncertainty choosing between the groups, built for the few-labels regime headstart's
+users are in, where uncertainty alone spends labels on outliers and near-duplicates:
+
+* the labelled and unlabelled images together are clustered (k-means on the model's L2-normalised embeddings) into
+  as many groups as there are labelled images plus the budget, so the budget can put one label into each group that
+  has none;
+* each pick goes to the group with the fewest labelled (or already picked) images; among those, the one with the most
+  uncertainty mass, ``size * mean uncertainty`` of its unpicked images (the model hesitates over many images there);
+* within the group it takes the most *typical* image: the one with the smallest mean distance to its 20 nearest
+  neighbours in the group (its label tells the model about the whole group, not about an outlier).
+
+``benchmarks/active_learning.py`` measured it against the mix below and random choice (README).
+
+The ``mix`` ranking (``method="mix"``) mixes two things, picked greedily one image at a time:
 
 * **uncertainty**: ``1 - margin``, where the margin is the model's top probability minus its second; an image the
   model hesitates over (margin 0) scores 1, one it is sure of scores 0. Margin rather than entropy: with many
@@ -25,6 +39,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,7 +53,10 @@ from headstart.files import atomic_write_bytes, new_run_dir
 from headstart.insight.audit import near_pairs, verify_pairs
 from headstart.insight.predictor import Model, load
 
-DIVERSITY = 0.5  # weight of novelty against uncertainty (see the module's docstring)
+METHODS = ("typical", "mix")
+METHOD = "typical"  # the default ranking (see the module's docstring)
+DIVERSITY = 0.5  # weight of novelty against uncertainty in the ``mix`` ranking
+TYPICAL_NEIGHBOURS = 20  # neighbours whose mean distance measures typicality (TypiClust's choice)
 # Cosine of the model's embeddings from which a pool image is a candidate copy of a labelled one (then confirmed by
 # the pixel signatures). Stricter than the audit's 0.60, which lists candidates for a person to look at: here a false
 # match silently hides an image from labelling. On ants/bees with the default three backbones, 0.60 matched four
@@ -69,6 +87,67 @@ class Ranked:
     score: np.ndarray
     uncertainty: np.ndarray
     novelty: np.ndarray
+    typicality: np.ndarray | None = None  # ``typical`` ranking: each pick's typicality in its group (0 to 1)
+    group: np.ndarray | None = None  # ``typical`` ranking: [P, 2] per pick, its group's size and labelled images
+
+
+def rank_typical(probs: np.ndarray, pool: np.ndarray, labelled: np.ndarray, budget: int, seed: int = 0) -> Ranked:
+    """Pick ``budget`` images of the pool: typical images of uncovered, uncertain groups (module docstring).
+
+    Args:
+        probs: [N, C] the model's probabilities for the pool.
+        pool: [N, D] embeddings of the pool.
+        labelled: [M, D] embeddings of the labelled images (M may be 0).
+        budget: how many to pick (at most N).
+        seed: k-means seed.
+
+    ``score`` is the group's uncertainty mass at the pick, over the largest at the start; ``novelty`` is the cosine
+    distance to the nearest labelled image, for the record.
+    """
+    from sklearn.cluster import KMeans
+    from sklearn.exceptions import ConvergenceWarning
+
+    budget = min(budget, len(pool))
+    u = uncertainty(probs)
+    n = len(pool)
+    z = _unit(np.concatenate([pool, labelled]) if len(labelled) else pool)
+    groups = min(len(labelled) + budget, len(z))
+    with warnings.catch_warnings():  # repeated images make fewer distinct groups than asked for: that is fine
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        assign = KMeans(groups, n_init=1, random_state=seed).fit_predict(z) if groups > 1 else np.zeros(len(z), int)
+    sizes = np.bincount(assign, minlength=groups)
+    covered = np.bincount(assign[n:], minlength=groups)  # labelled (later: or picked) images per group
+    nearest = 1.0 - (z[:n] @ z[n:].T).max(1) if len(labelled) else np.ones(n)
+    taken = np.zeros(n, dtype=bool)
+    mass0 = max(float(max(sizes[c] * u[assign[:n] == c].mean() for c in np.unique(assign[:n]))), 1e-12)
+    order, scores, us, ns, ts, gs = [], [], [], [], [], []
+    for _ in range(budget):
+        best: tuple[int, float, int] | None = None  # (labelled in group, -mass, group)
+        for c in np.unique(assign[:n][~taken]):
+            free = (assign[:n] == c) & ~taken
+            key = (int(covered[c]), -float(sizes[c] * u[free].mean()), int(c))
+            best = key if best is None or key < best else best
+        assert best is not None
+        c = best[2]
+        members = np.flatnonzero(assign == c)
+        inside = z[members]
+        distance = np.sqrt(np.maximum(2.0 - 2.0 * inside @ inside.T, 0.0))
+        k = min(TYPICAL_NEIGHBOURS, len(members) - 1)
+        typical = 1.0 / (np.sort(distance, axis=1)[:, 1 : k + 1].mean(1) + 1e-6) if k > 0 else np.ones(len(members))
+        typical = typical / typical.max()
+        free = (members < n) & ~taken[np.minimum(members, n - 1)]
+        at = int(np.argmax(np.where(free, typical, -np.inf)))
+        pick = int(members[at])
+        order.append(pick)
+        scores.append(-best[1] / mass0)
+        us.append(float(u[pick]))
+        ns.append(float(nearest[pick]))
+        ts.append(float(typical[at]))
+        gs.append((int(sizes[c]), int(covered[c])))
+        taken[pick] = True
+        covered[c] += 1
+    return Ranked(np.array(order, dtype=np.int64), np.array(scores), np.array(us), np.array(ns), np.array(ts),
+                  np.array(gs, dtype=np.int64).reshape(-1, 2))  # fmt: skip
 
 
 def rank_pool(
@@ -120,6 +199,7 @@ class Suggestion:
     uncertainty: float
     novelty: float
     why: str
+    typicality: float = 0.0  # ``typical`` ranking: how typical of its group (1: the most)
 
 
 @dataclass
@@ -139,6 +219,12 @@ def _why(u: float, n: float, predicted: str, second: str, p1: float, p2: float) 
     if u >= n:
         return f"uncertain: {predicted} {p1:.2f} vs {second} {p2:.2f}"
     return f"novel: unlike the labelled images and earlier picks (novelty {n:.2f})"
+
+
+def _why_typical(size: int, covered: int, u: float, predicted: str, second: str, p1: float, p2: float) -> str:
+    where = "none labelled yet" if covered == 0 else f"{covered} labelled so far"
+    group = "alone: like no other image" if size == 1 else f"typical of a group of {size} similar images ({where})"
+    return f"{group}; model: {predicted} {p1:.2f} vs {second} {p2:.2f} (uncertainty {u:.2f})"
 
 
 def _labelled_dataset(model: Model, labelled: str | Path | Dataset | None) -> Dataset:
@@ -165,7 +251,8 @@ def _check_features(model: Model, features: np.ndarray, what: str) -> None:
 
 def suggest(
     run: str | Path | Model, unlabelled: str | Path, budget: int, *, out: str | Path | None = None,
-    labelled: str | Path | Dataset | None = None, diversity: float = DIVERSITY, symlinks: bool = False,
+    labelled: str | Path | Dataset | None = None, method: str = METHOD, diversity: float = DIVERSITY,
+    symlinks: bool = False,
     overwrite: bool = False, batch_size: int = 32,
 ) -> SuggestResult:  # fmt: skip
     """Rank the images of ``unlabelled`` for labelling with the model of ``run``; write the picks.
@@ -177,7 +264,8 @@ def suggest(
         out: folder for ``suggestions.csv``, ``contact_sheet.png``, ``excluded.csv`` and ``skipped.txt``
             (default ``runs/suggest-<time>``).
         labelled: the labelled data (default: the data the run was trained on, from its ``model.json``).
-        diversity: weight of novelty against uncertainty (see the module's docstring).
+        method: ``typical`` (default) or ``mix`` (see the module's docstring).
+        diversity: weight of novelty against uncertainty in the ``mix`` ranking.
         symlinks: also write ``by_class/<predicted class>/<rank>_<name>`` links to the picks, to label by folder.
         overwrite: replace an existing ``out`` folder.
 
@@ -187,6 +275,8 @@ def suggest(
     """
     if budget < 1:
         raise DataError(f"--budget must be 1 or more, got {budget}")
+    if method not in METHODS:
+        raise ConfigError(f"unknown suggest method {method!r}; choose one of {', '.join(METHODS)}")
     folder = Path(unlabelled)
     if not folder.is_dir():
         raise DataError(f"{folder} is not a folder of images")
@@ -222,14 +312,21 @@ def suggest(
     if not outputs.ok.all():
         raise DataError(f"{int((~outputs.ok).sum())} image(s) of {folder} could not be read for prediction: "
                         f"{outputs.failed[:3]}")  # fmt: skip
-    ranked = rank_pool(probs, all_x[keep], known_x, budget, diversity)
+    if method == "typical":
+        ranked = rank_typical(probs, all_x[keep], known_x, budget)
+    else:
+        ranked = rank_pool(probs, all_x[keep], known_x, budget, diversity)
     rows = []
     for k, (i, s, u, n) in enumerate(zip(ranked.order, ranked.score, ranked.uncertainty, ranked.novelty, strict=True)):
         top = np.argsort(-probs[i])[:2]
         first, second = model.classes[top[0]], model.classes[top[-1]]
         p1, p2 = float(probs[i, top[0]]), float(probs[i, top[-1]])
-        rows.append(Suggestion(k + 1, pool[i].path, float(s), first, p1, float(u), float(n),
-                               _why(float(u), float(n), first, second, p1, p2)))  # fmt: skip
+        if ranked.group is not None and ranked.typicality is not None:
+            size, covered = (int(v) for v in ranked.group[k])
+            why, typical = _why_typical(size, covered, float(u), first, second, p1, p2), float(ranked.typicality[k])
+        else:
+            why, typical = _why(float(u), float(n), first, second, p1, p2), 0.0
+        rows.append(Suggestion(k + 1, pool[i].path, float(s), first, p1, float(u), float(n), why, typical))
     target = new_run_dir(out, "suggest", overwrite)
     result = SuggestResult(rows, target, len(records), excluded, skipped, notes)
     result.files = _write(result, symlinks)
@@ -283,10 +380,11 @@ def _write(result: SuggestResult, symlinks: bool) -> list[Path]:
     out = result.out
     text = io.StringIO()
     writer = csv.writer(text)
-    writer.writerow(["rank", "path", "score", "predicted", "probability", "uncertainty", "novelty", "why"])
+    writer.writerow(["rank", "path", "score", "predicted", "probability", "uncertainty", "novelty", "typicality",
+                     "why"])  # fmt: skip
     for s in result.suggestions:
         writer.writerow([s.rank, str(s.path), f"{s.score:.4f}", s.predicted, f"{s.probability:.4f}",
-                         f"{s.uncertainty:.4f}", f"{s.novelty:.4f}", s.why])  # fmt: skip
+                         f"{s.uncertainty:.4f}", f"{s.novelty:.4f}", f"{s.typicality:.4f}", s.why])  # fmt: skip
     files = [out / "suggestions.csv"]
     atomic_write_bytes(files[0], text.getvalue().encode(), sync=False)
     text = io.StringIO()
