@@ -119,16 +119,18 @@ def rank_typical(probs: np.ndarray, pool: np.ndarray, labelled: np.ndarray, budg
     covered = np.bincount(assign[n:], minlength=groups)  # labelled (later: or picked) images per group
     nearest = 1.0 - (z[:n] @ z[n:].T).max(1) if len(labelled) else np.ones(n)
     taken = np.zeros(n, dtype=bool)
-    mass0 = max(float(max(sizes[c] * u[assign[:n] == c].mean() for c in np.unique(assign[:n]))), 1e-12)
+    # Per group: unpicked pool images and the sum of their uncertainty, updated after each pick (O(groups) a pick).
+    free_count = np.bincount(assign[:n], minlength=groups).astype(np.float64)
+    free_u = np.bincount(assign[:n], weights=u, minlength=groups)
+    mass = sizes * free_u / np.maximum(free_count, 1)
+    mass0 = max(float(mass[free_count > 0].max()), 1e-12)
     order, scores, us, ns, ts, gs = [], [], [], [], [], []
     for _ in range(budget):
-        best: tuple[int, float, int] | None = None  # (labelled in group, -mass, group)
-        for c in np.unique(assign[:n][~taken]):
-            free = (assign[:n] == c) & ~taken
-            key = (int(covered[c]), -float(sizes[c] * u[free].mean()), int(c))
-            best = key if best is None or key < best else best
-        assert best is not None
-        c = best[2]
+        mass = np.where(free_count > 0, sizes * free_u / np.maximum(free_count, 1), -np.inf)
+        # The fewest labelled images first, then the most uncertainty mass (lexsort: the last key sorts first).
+        candidates = np.flatnonzero(free_count > 0)
+        c = int(candidates[np.lexsort((-mass[candidates], covered[candidates]))[0]])
+        best_mass = float(mass[c])
         members = np.flatnonzero(assign == c)
         inside = z[members]
         distance = np.sqrt(np.maximum(2.0 - 2.0 * inside @ inside.T, 0.0))
@@ -139,13 +141,15 @@ def rank_typical(probs: np.ndarray, pool: np.ndarray, labelled: np.ndarray, budg
         at = int(np.argmax(np.where(free, typical, -np.inf)))
         pick = int(members[at])
         order.append(pick)
-        scores.append(-best[1] / mass0)
+        scores.append(best_mass / mass0)
         us.append(float(u[pick]))
         ns.append(float(nearest[pick]))
         ts.append(float(typical[at]))
         gs.append((int(sizes[c]), int(covered[c])))
         taken[pick] = True
         covered[c] += 1
+        free_count[c] -= 1
+        free_u[c] -= u[pick]
     return Ranked(np.array(order, dtype=np.int64), np.array(scores), np.array(us), np.array(ns), np.array(ts),
                   np.array(gs, dtype=np.int64).reshape(-1, 2))  # fmt: skip
 
