@@ -320,10 +320,19 @@ def suggest(
         ranked = rank_typical(probs, all_x[keep], known_x, budget)
     else:
         ranked = rank_pool(probs, all_x[keep], known_x, budget, diversity)
+    rows = _suggestions(ranked, probs, pool, model.classes)
+    target = new_run_dir(out, "suggest", overwrite)
+    result = SuggestResult(rows, target, len(records), excluded, skipped, notes)
+    result.files = _write(result, symlinks)
+    return result
+
+
+def _suggestions(ranked: Ranked, probs: np.ndarray, pool: list[ImageRecord], classes: list[str]) -> list[Suggestion]:
+    """The picks as rows: predicted class and probability, the ranking's terms, and why each was picked."""
     rows = []
     for k, (i, s, u, n) in enumerate(zip(ranked.order, ranked.score, ranked.uncertainty, ranked.novelty, strict=True)):
         top = np.argsort(-probs[i])[:2]
-        first, second = model.classes[top[0]], model.classes[top[-1]]
+        first, second = classes[top[0]], classes[top[-1]]
         p1, p2 = float(probs[i, top[0]]), float(probs[i, top[-1]])
         if ranked.group is not None and ranked.typicality is not None:
             size, covered = (int(v) for v in ranked.group[k])
@@ -331,10 +340,7 @@ def suggest(
         else:
             why, typical = _why(float(u), float(n), first, second, p1, p2), 0.0
         rows.append(Suggestion(k + 1, pool[i].path, float(s), first, p1, float(u), float(n), why, typical))
-    target = new_run_dir(out, "suggest", overwrite)
-    result = SuggestResult(rows, target, len(records), excluded, skipped, notes)
-    result.files = _write(result, symlinks)
-    return result
+    return rows
 
 
 def _embed(model: Model, records: list[ImageRecord], batch_size: int, what: str) -> np.ndarray:
