@@ -91,6 +91,14 @@ class Ranked:
     group: np.ndarray | None = None  # ``typical`` ranking: [P, 2] per pick, its group's size and labelled images
 
 
+def _nearest_distance(pool: np.ndarray, labelled: np.ndarray) -> np.ndarray:
+    """Cosine distance from each unit row of ``pool`` to the nearest unit row of ``labelled``; with nothing labelled,
+    every image is as far as can be (2)."""
+    if not len(labelled):
+        return np.full(len(pool), 2.0)
+    return np.asarray(np.maximum(1.0 - (pool @ labelled.T).max(1), 0.0))
+
+
 def rank_typical(probs: np.ndarray, pool: np.ndarray, labelled: np.ndarray, budget: int, seed: int = 0) -> Ranked:
     """Pick ``budget`` images of the pool: typical images of uncovered, uncertain groups (module docstring).
 
@@ -117,16 +125,16 @@ def rank_typical(probs: np.ndarray, pool: np.ndarray, labelled: np.ndarray, budg
         assign = KMeans(groups, n_init=1, random_state=seed).fit_predict(z) if groups > 1 else np.zeros(len(z), int)
     sizes = np.bincount(assign, minlength=groups)
     covered = np.bincount(assign[n:], minlength=groups)  # labelled (later: or picked) images per group
-    nearest = 1.0 - (z[:n] @ z[n:].T).max(1) if len(labelled) else np.ones(n)
-    taken = np.zeros(n, dtype=bool)
+    nearest = _nearest_distance(z[:n], z[n:])
+    available = np.arange(len(z)) < n  # pool images not yet picked (labelled rows never are)
     # Per group: unpicked pool images and the sum of their uncertainty, updated after each pick (O(groups) a pick).
     free_count = np.bincount(assign[:n], minlength=groups).astype(np.float64)
     free_u = np.bincount(assign[:n], weights=u, minlength=groups)
-    mass = sizes * free_u / np.maximum(free_count, 1)
-    mass0 = max(float(mass[free_count > 0].max()), 1e-12)
+    mass0: float | None = None  # the largest mass at the start: scores are shares of it
     order, scores, us, ns, ts, gs = [], [], [], [], [], []
     for _ in range(budget):
         mass = np.where(free_count > 0, sizes * free_u / np.maximum(free_count, 1), -np.inf)
+        mass0 = max(float(mass.max()), 1e-12) if mass0 is None else mass0
         # The fewest labelled images first, then the most uncertainty mass (lexsort: the last key sorts first).
         candidates = np.flatnonzero(free_count > 0)
         c = int(candidates[np.lexsort((-mass[candidates], covered[candidates]))[0]])
@@ -137,8 +145,7 @@ def rank_typical(probs: np.ndarray, pool: np.ndarray, labelled: np.ndarray, budg
         k = min(TYPICAL_NEIGHBOURS, len(members) - 1)
         typical = 1.0 / (np.sort(distance, axis=1)[:, 1 : k + 1].mean(1) + 1e-6) if k > 0 else np.ones(len(members))
         typical = typical / typical.max()
-        free = (members < n) & ~taken[np.minimum(members, n - 1)]
-        at = int(np.argmax(np.where(free, typical, -np.inf)))
+        at = int(np.argmax(np.where(available[members], typical, -np.inf)))
         pick = int(members[at])
         order.append(pick)
         scores.append(best_mass / mass0)
@@ -146,7 +153,7 @@ def rank_typical(probs: np.ndarray, pool: np.ndarray, labelled: np.ndarray, budg
         ns.append(float(nearest[pick]))
         ts.append(float(typical[at]))
         gs.append((int(sizes[c]), int(covered[c])))
-        taken[pick] = True
+        available[pick] = False
         covered[c] += 1
         free_count[c] -= 1
         free_u[c] -= u[pick]
@@ -171,9 +178,7 @@ def rank_pool(
     budget = min(budget, len(pool))
     u = uncertainty(probs)
     pool_u = _unit(pool)
-    # Nothing labelled: every image is as far as can be.
-    nearest = 1.0 - (pool_u @ _unit(labelled).T).max(1) if len(labelled) else np.full(len(pool), 2.0)
-    nearest = np.maximum(nearest, 0.0)
+    nearest = _nearest_distance(pool_u, _unit(labelled))
     scale = max(float(nearest.max()), 1e-6)
     taken = np.zeros(len(pool), dtype=bool)
     order, scores, us, ns = [], [], [], []
@@ -256,8 +261,7 @@ def _check_features(model: Model, features: np.ndarray, what: str) -> None:
 def suggest(
     run: str | Path | Model, unlabelled: str | Path, budget: int, *, out: str | Path | None = None,
     labelled: str | Path | Dataset | None = None, method: str = METHOD, diversity: float = DIVERSITY,
-    symlinks: bool = False,
-    overwrite: bool = False, batch_size: int = 32,
+    symlinks: bool = False, overwrite: bool = False, batch_size: int = 32,
 ) -> SuggestResult:  # fmt: skip
     """Rank the images of ``unlabelled`` for labelling with the model of ``run``; write the picks.
 
