@@ -11,7 +11,10 @@ The queries are ``--queries`` indexed vectors drawn at random; each query's own 
 its results (a query finds itself trivially). Then ``search_images`` (what ``headstart index search`` runs) searches
 from the compressed index with ``--images`` real image files of the collection, which must come back first.
 
-    python benchmarks/retrieval_real.py --embeddings EMB --work DIR [--kinds ivfpq,sq8,opq]
+    python benchmarks/retrieval_real.py --embeddings EMB --work DIR [--kinds ivfpq,sq8,opq,ivfpq:m=64:nbits=8]
+
+A kind may carry parameters after colons (``ivfpq:m=64:nbits=8`` is the 8-bit PQ code of 64 bytes that indexes
+built before 4-bit fast-scan codes used), to compare codes of the same size on the same vectors.
 
 Results go to ``benchmarks/results/retrieval_real_cpu.json``.
 """
@@ -33,7 +36,7 @@ from headstart.features.retrieval import ImageIndex, build_index, search_images
 from headstart.features.shards import iter_embedding_shards, read_meta
 
 RESULTS = Path(__file__).parent / "results" / "retrieval_real_cpu.json"
-RERANKS = (0, 10, 30)
+RERANKS = (0, 10, 20, 30)
 
 
 def query_rows(embeddings: Path, count: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -72,10 +75,12 @@ def measure(embeddings: Path, work: Path, kinds: list[str], n_queries: int, n_im
     k = 10
     rows: list[dict[str, Any]] = []
     truth: np.ndarray | None = None
-    for kind in ["flat", *kinds]:
-        folder = work / f"index-{kind}"
+    for spec in ["flat", *kinds]:
+        kind, *pairs = spec.split(":")
+        params = {key: int(value) for key, value in (pair.split("=") for pair in pairs)}
+        folder = work / f"index-{spec.replace(':', '-').replace('=', '')}"
         tic = time.perf_counter()
-        index, _ = build_index(None, folder, embeddings=embeddings, kind=kind, overwrite=True,
+        index, _ = build_index(None, folder, embeddings=embeddings, kind=kind, params=params or None, overwrite=True,
                                rerank=max(RERANKS) if kind != "flat" else None)  # fmt: skip
         build = time.perf_counter() - tic
         index = ImageIndex.load(folder, mmap=True)
@@ -87,7 +92,7 @@ def measure(embeddings: Path, work: Path, kinds: list[str], n_queries: int, n_im
                 truth = found
             recall = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(found.tolist(), truth.tolist(),
                                                                                strict=True)]))  # fmt: skip
-            row = {"kind": kind, "params": index.params, "rerank": rerank, "build_s": round(build, 1),
+            row = {"kind": kind, "spec": spec, "params": index.params, "rerank": rerank, "build_s": round(build, 1),
                    "bytes_per_vector": round(size / len(index), 1), "recall_at_10": round(recall, 4),
                    "ms_per_query": round(single, 2), "ms_per_query_batch32": round(batched, 2),
                    "load_average": os.getloadavg()[0]}  # fmt: skip

@@ -12,7 +12,7 @@ Phases (``--phase``), each a separate process so that its RSS figures stand alon
 * ``compressed``: flat (the exact baseline), sq8, ivfsq8, ivfpq and opq at ``--n`` (default 1M);
 * ``graph``: IVF-Flat and HNSW at ``--n`` (HNSW time-boxed by ``--hnsw-seconds``: what is not added in time is not
   measured, and the row says so);
-* ``scale``: ivfpq and opq at ``--n`` (run at 2M and 4M for the 10M extrapolation).
+* ``scale``: ivfpq and opq at ``--n`` (run at 2M and 4M for the 10M extrapolation; ``--kinds`` narrows a phase).
 
 Before timing queries each phase waits (30 s polls, at most ``--max-wait`` s) for the 1-minute load average to fall
 below 1.5, and records the load beside the figures. Results go to ``benchmarks/results/retrieval_scale_cpu.json``
@@ -36,7 +36,7 @@ import faiss
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from headstart.features.retrieval import TRAIN_ROWS, ImageIndex, default_params, training_size
+from headstart.features.retrieval import IVF_KINDS, TRAIN_ROWS, ImageIndex, default_params, training_size
 from retrieval import embedding_like
 
 RESULTS = Path(__file__).parent / "results" / "retrieval_scale_cpu.json"
@@ -141,9 +141,22 @@ def build(kinds: list[str], data: Collection, queries: np.ndarray, k: int, hnsw_
     return indexes, stats, best_i
 
 
-def run_phase(phase: str, n: int, n_queries: int, k: int, hnsw_seconds: float, max_wait: float) -> list[dict]:
-    kinds = {"compressed": ["flat", "sq8", "ivfsq8", "ivfpq", "opq"], "graph": ["ivf", "hnsw"],
-             "scale": ["ivfpq", "opq"]}[phase]  # fmt: skip
+PHASES = {"compressed": ["flat", "sq8", "ivfsq8", "ivfpq", "opq"], "graph": ["ivf", "hnsw"], "scale": ["ivfpq", "opq"]}
+
+
+def codec(index: ImageIndex) -> str:
+    """The FAISS class that holds the codes (e.g. IndexIVFPQFastScan), and the PQ layout where there is one."""
+    inner = faiss.downcast_index(index.index)
+    inner = faiss.downcast_index(getattr(inner, "index", inner))  # inside the id map
+    if index.kind in IVF_KINDS:
+        inner = faiss.downcast_index(faiss.extract_index_ivf(index.index))
+    pq = getattr(inner, "pq", None)
+    return type(inner).__name__ + (f" M={pq.M} nbits={pq.nbits}" if pq is not None else "")
+
+
+def run_phase(phase: str, n: int, n_queries: int, k: int, hnsw_seconds: float, max_wait: float,
+              kinds: list[str] | None = None) -> list[dict]:  # fmt: skip
+    kinds = kinds or PHASES[phase]
     data = Collection(n)
     queries = data.queries(n_queries)
     print(f"phase {phase}: {n:,} x {DIM}, kinds {kinds}, faiss {faiss.__version__}, "
@@ -155,9 +168,9 @@ def run_phase(phase: str, n: int, n_queries: int, k: int, hnsw_seconds: float, m
         size = index_bytes(index)
         settings: list[dict[str, int]] = [{}]
         if name in ("ivfsq8", "ivfpq", "opq", "ivf"):
-            settings = [{"nprobe": p} for p in (16, 32, 64)]
+            settings = [{"nprobe": p} for p in (8, 16, 32, 64)]
         if name in ("ivfpq", "opq", "sq8", "ivfsq8"):
-            settings = [{**s, "rerank": r} for s in settings for r in (0, 10, 30)]
+            settings = [{**s, "rerank": r} for s in settings for r in (0, 10, 20, 30)]
         if name == "hnsw":
             settings = [{"ef_search": e} for e in (64, 128)]
         partial = stats[name]["n"] < n
@@ -172,7 +185,7 @@ def run_phase(phase: str, n: int, n_queries: int, k: int, hnsw_seconds: float, m
             kw = {"rerank": setting["rerank"]} if "rerank" in setting and index.store is not None else {}
             ids, single, batch = timed(index, queries, k, **kw)
             rec = None if partial else recall(ids, truth)  # partial: exact neighbours among the indexed unknown
-            row = {"phase": phase, "kind": name, "n": n, "indexed": stats[name]["n"],
+            row = {"phase": phase, "kind": name, "codec": codec(index), "n": n, "indexed": stats[name]["n"],
                    "params": {**index.params, **setting}, "bytes_per_vector": size / max(stats[name]["n"], 1),
                    "index_file_bytes": size, "ram_bytes": stats[name]["ram_bytes"],
                    "disk_vectors_bytes": 2 * DIM * stats[name]["n"] if index.store is not None else 0,
@@ -244,13 +257,19 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--hnsw-seconds", type=float, default=600, help="stop adding to HNSW after this long")
     parser.add_argument("--max-wait", type=float, default=600, help="longest wait for a quiet machine, s")
+    parser.add_argument(
+        "--kinds",
+        nargs="+",
+        choices=sorted({k for v in PHASES.values() for k in v}),
+        help="only these of the phase's kinds (e.g. ivfpq alone for the 2M/4M points)",
+    )
     parser.add_argument("--report", action="store_true", help="print the table and extrapolation from the file")
     args = parser.parse_args()
     if args.report:
         report()
         return
     print("defaults:", {kind: default_params(kind, args.n, DIM) for kind in ("ivfpq", "opq", "ivfsq8")})
-    save(run_phase(args.phase, args.n, args.queries, args.k, args.hnsw_seconds, args.max_wait))
+    save(run_phase(args.phase, args.n, args.queries, args.k, args.hnsw_seconds, args.max_wait, args.kinds))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import argparse
 import json
 from pathlib import Path
 
+import faiss
 import numpy as np
 import pytest
 
@@ -62,9 +63,11 @@ def test_planner_steps_down_to_smaller_codes_as_the_budget_shrinks() -> None:
     kind, params = plan_index(n, dim, "2GB")
     assert kind == "ivfsq8" and estimate_bytes(kind, n, dim, params) <= 2e9
     kind, params = plan_index(n, dim, "1GB")
-    assert kind == "opq" and params["m"] == 64 and params["rerank"] == 10 and dim % params["m"] == 0
+    # 128-byte codes of 256 4-bit sub-quantizers, each over 5 of the 1,280 dimensions.
+    assert kind == "opq" and params["m"] == 128 and params["nbits"] == 4 and params["rerank"] == 10
+    assert dim % (2 * params["m"]) == 0
     small_kind, small = plan_index(n, dim, "300MB")
-    assert small_kind == "opq" and small["m"] < 64 and estimate_bytes("opq", n, dim, small) <= 3e8
+    assert small_kind == "opq" and small["m"] < 128 and estimate_bytes("opq", n, dim, small) <= 3e8
     with pytest.raises(ConfigError, match=r"too small for 1,000,000 vectors .*needs about .*Give --memory-budget"):
         plan_index(n, dim, "100MB")
     # An explicit kind is only sized, never swapped.
@@ -114,6 +117,32 @@ def test_pq_index_round_trips_and_searches_memory_mapped(collection, tmp_path: P
     assert grown.search(x[11_005:11_006], 1)[1][0, 0] == 11_005
     grown.save(tmp_path / "ix")
     assert len(ImageIndex.load(tmp_path / "ix", mmap=True).store or []) == 11_010
+
+
+def test_pq_codes_are_fast_scan_and_indexes_with_8_bit_codes_still_load(collection, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    x, q, _ = collection
+    labels = [(f"/i/{i}.jpg", "ab"[i % 2] if i < 500 else "", "") for i in range(11_000)]  # 500 evaluation queries
+    fast = ImageIndex(DIM, "ivfpq", {"nlist": 16, "nprobe": 8, "m": 16, "rerank": 0})
+    fast.add(x[:11_000], labels)
+    assert fast.params["nbits"] == 4
+    assert type(faiss.downcast_index(faiss.extract_index_ivf(fast.index))).__name__ == "IndexIVFPQFastScan"
+    # 4-bit codes cannot be decoded, so the exact vectors are kept even without re-ranking: evaluate() uses them.
+    assert fast.store is not None and len(fast.store) == 11_000
+    np.testing.assert_allclose(fast.vectors(np.array([5])), x[5:6], atol=1e-3)
+    assert fast.evaluate((1,))["queries"] == 500
+    assert fast.remove([0, 1, 2, 99_999]) == 3  # the lists are scanned: fast-scan has no id-to-list map
+    assert not {0, 1, 2} & set(fast.search(x[:3], 10, rerank=10)[1].ravel().tolist())
+    # An index written before 4-bit codes has no "nbits" in its parameters: it loads as 8-bit PQ and still removes.
+    old = ImageIndex(DIM, "ivfpq", {"nlist": 16, "nprobe": 8, "m": 8, "rerank": 0, "nbits": 8})
+    old.add(x[:11_000], labels)
+    del old.params["nbits"]
+    old.save(tmp_path / "old")
+    loaded = ImageIndex.load(tmp_path / "old")
+    assert "nbits" not in loaded.params and loaded.store is None
+    assert type(faiss.downcast_index(faiss.extract_index_ivf(loaded.index))).__name__ == "IndexIVFPQ"
+    np.testing.assert_array_equal(loaded.search(q, 10)[1], old.search(q, 10)[1])
+    assert loaded.remove([4]) == 1 and 4 not in loaded.search(x[4:5], 10)[1]
+    assert loaded.evaluate((1,))["queries"] == 500 - 1  # vectors decoded from the 8-bit codes
 
 
 def test_damaged_vectors_file_and_newer_format_are_named(collection, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

@@ -65,7 +65,7 @@ def _add_index_parser(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--index", dest="kind", default="flat",
                    choices=["auto", "flat", "ivf", "hnsw", "sq8", "ivfsq8", "ivfpq", "opq"],
                    help="flat: exact (default); ivf or hnsw: approximate, full vectors; sq8/ivfsq8 (1 byte per "
-                   "dimension), ivfpq/opq (PQ codes of a few dozen bytes): compressed, for collections past memory; "
+                   "dimension), ivfpq/opq (PQ codes of up to 128 bytes): compressed, for collections past memory; "
                    "auto: chosen from the collection's size and --memory-budget")  # fmt: skip
     a.add_argument(
         "--memory-budget",
@@ -76,9 +76,11 @@ def _add_index_parser(sub: argparse._SubParsersAction) -> None:
         "--rerank",
         type=int,
         help="keep the exact vectors on disk (vectors.npy) and re-score RERANK x k "
-        "candidates per query (default 10 for ivfpq/opq, 0 otherwise; 0 keeps no vectors)",
+        "candidates per query (default 10 for ivfpq/opq, 0 otherwise; 0 keeps no vectors, except for ivfpq/opq, "
+        "whose 4-bit codes cannot be decoded)",
     )
-    a.add_argument("--pq-m", type=int, help="PQ code bytes per vector for ivfpq/opq (a divisor of the dimension)")
+    a.add_argument("--pq-m", type=int, help="PQ code bytes per vector for ivfpq/opq, as 2 x PQ_M 4-bit parts "
+                   "(2 x PQ_M must divide the dimension; default the largest up to 128 the budget allows)")  # fmt: skip
     a.add_argument("--nlist", type=int, help="IVF lists (default about 2 sqrt(N))")
     a.add_argument("--nprobe", type=int, help="IVF lists searched per query (default 16)")
     a.add_argument("--hnsw-m", type=int, help="HNSW links per node (default 16)")

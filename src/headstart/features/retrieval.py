@@ -59,7 +59,9 @@ REBUILD = "rebuild the index with `headstart index build`"
 ID_BYTES = 56  # per vector: the stored 8-byte id plus its entry in the id -> position hash map (IDMap2, direct map)
 ITEM_BYTES = 200  # per vector: the Python record of its image (id, path, label, digest), short paths assumed
 EXACT_MAX = 100_000  # above this many vectors an exact scan (about 0.7 us per vector per query) is too slow
-MAX_PQ_M = 64  # largest PQ code, bytes: search cost grows with m while re-ranking already restores the recall
+MAX_PQ_M = 128  # largest PQ code, bytes (256 4-bit sub-quantizers): fast-scan search grows slowly with m
+PQ_BITS = 4  # bits per sub-quantizer code: FAISS's fast-scan PQ (SIMD lookup tables); indexes without "nbits"
+# in their parameters were written before it, with 8-bit codes (one byte per sub-quantizer), and load as such
 
 
 class IndexFileError(IntegrityError):
@@ -96,9 +98,11 @@ def default_params(kind: str, n: int, dim: int = 0) -> dict[str, int]:
 
     Compressed kinds (``sq8``, ``ivfsq8``, ``ivfpq``, ``opq``): ``nlist`` the power of two nearest sqrt(n) with an
     HNSW coarse quantizer (adding then costs log(nlist), not nlist, per vector), ``nprobe`` 32; PQ codes of ``m``
-    bytes, the largest divisor of ``dim`` up to 64; ``rerank`` 10 for PQ (search fetches 10 k candidates and
-    re-scores them with the exact vectors kept on disk), 0 for SQ8 (accurate enough alone). Checked with
-    ``benchmarks/retrieval_scale.py``.
+    bytes up to 128, as ``2 m`` sub-quantizers of ``nbits`` 4 bits each, the largest with ``2 m`` dividing ``dim``
+    (FAISS's fast-scan PQ, SIMD lookup tables: at 1M vectors half the search and build time of 8-bit codes; on real
+    embeddings 128 4-bit bytes rank as well as 64 8-bit ones); ``rerank`` 10 for PQ (search fetches 10 k candidates
+    and re-scores them with the exact vectors kept on disk), 0 for SQ8 (accurate enough alone). Checked with
+    ``benchmarks/retrieval_scale.py`` and ``benchmarks/retrieval_real.py``.
     """
     if kind == "ivf":
         nlist = max(1, min(round(2 * math.sqrt(max(n, 1))), n // 39))
@@ -115,22 +119,36 @@ def default_params(kind: str, n: int, dim: int = 0) -> dict[str, int]:
         if kind in PQ_KINDS:
             if dim <= 0:
                 raise ValueError(f"default_params({kind!r}) needs the vector dimension to choose the PQ code size")
-            params["m"] = _pq_sizes(dim)[0]
+            params["m"], params["nbits"] = _pq_sizes(dim)[0], PQ_BITS
         return params
     raise ValueError(f"unknown index kind {kind!r}; choose one of {', '.join(KINDS)}")
 
 
 def _pq_sizes(dim: int) -> list[int]:
-    """PQ code sizes for ``dim`` (sub-vectors must split the vector evenly), 64 to 4 bytes, largest first."""
-    return [m for m in range(min(dim, MAX_PQ_M), min(dim, 4) - 1, -1) if dim % m == 0] or [dim]
+    """PQ code sizes in bytes for ``dim``, 128 to 4, largest first: ``2 m`` 4-bit sub-vectors must split the vector
+    evenly."""
+    top = min(dim // 2, MAX_PQ_M)
+    return [m for m in range(top, min(top, 4) - 1, -1) if dim % (2 * m) == 0] or [max(dim // 2, 1)]
+
+
+def _subquantizers(params: dict[str, int]) -> int:
+    """Sub-quantizers of a PQ code of ``params["m"]`` bytes at ``params["nbits"]`` bits each (8 when absent)."""
+    return params["m"] * 8 // params.get("nbits", 8)
+
+
+def _fast_scan(kind: str, params: dict[str, int]) -> bool:
+    """A PQ kind with 4-bit codes (FAISS's fast-scan lists: no reconstruction from codes, so the exact vectors are
+    always kept on disk)."""
+    return kind in PQ_KINDS and params.get("nbits", 8) == 4
 
 
 def training_size(kind: str, params: dict[str, int]) -> int:
-    """How many sample vectors :meth:`ImageIndex.train` wants: 40 per IVF list, and 10,240 (40 per PQ centroid) for
-    PQ codebooks; 0 for kinds without training (flat, HNSW), 1,000 for SQ8's per-dimension ranges."""
+    """How many sample vectors :meth:`ImageIndex.train` wants: 40 per IVF list, and 10,240 (40 per centroid of an
+    8-bit PQ codebook) for PQ codes; 0 for kinds without training (flat, HNSW), 1,000 for SQ8's per-dimension
+    ranges."""
     need = 40 * params.get("nlist", 0) if kind in IVF_KINDS else 0
     if kind in PQ_KINDS:
-        need = max(need, 256 * 40)
+        need = max(need, 256 * 40)  # 4-bit codebooks have 16 centroids, but the more points the better they fit
     if kind in ("sq8", "ivfsq8"):
         need = max(need, 1000)
     return need
@@ -188,7 +206,7 @@ def plan_index(n: int, dim: int, memory_budget: str | int, kind: str = "auto") -
     1. up to 100,000 vectors: ``flat`` (exact); beyond: ``ivf`` (IVF-Flat), exact vectors, fast;
     2. scalar quantization, 1 byte per dimension (4x smaller, recall about 0.99): ``sq8`` up to 100,000 vectors, else
        ``ivfsq8``;
-    3. ``opq`` (OPQ rotation + IVF-PQ) with the largest code of at most 64 bytes that fits (PQ alone loses recall;
+    3. ``opq`` (OPQ rotation + IVF-PQ) with the largest code of at most 128 bytes that fits (PQ alone loses recall;
        the rotation costs one matrix product per vector and wins some back), re-ranking 10 k candidates with the
        exact vectors on disk.
 
@@ -225,8 +243,11 @@ def plan_index(n: int, dim: int, memory_budget: str | int, kind: str = "auto") -
 def _factory(kind: str, dim: int, params: dict[str, int]) -> str:
     """FAISS index-factory description of a compressed kind."""
     ivf = f"IVF{params.get('nlist', 0)}_HNSW32"
-    return {"sq8": "SQ8", "ivfsq8": f"{ivf},SQ8", "ivfpq": f"{ivf},PQ{params.get('m')}",
-            "opq": f"OPQ{params.get('m')},{ivf},PQ{params.get('m')}"}[kind]  # fmt: skip
+    if kind in ("sq8", "ivfsq8"):
+        return {"sq8": "SQ8", "ivfsq8": f"{ivf},SQ8"}[kind]
+    subs = _subquantizers(params)
+    pq = f"PQ{subs}x4fs" if _fast_scan(kind, params) else f"PQ{subs}"
+    return f"{ivf},{pq}" if kind == "ivfpq" else f"OPQ{subs},{ivf},{pq}"
 
 
 def _make_faiss(kind: str, dim: int, params: dict[str, int], train: np.ndarray | None) -> faiss.Index:
@@ -236,12 +257,17 @@ def _make_faiss(kind: str, dim: int, params: dict[str, int], train: np.ndarray |
     elif kind in IVF_KINDS:
         need = params["nlist"] if kind == "ivf" else training_size(kind, params)
         if kind in PQ_KINDS:
-            need = max(params["nlist"], 256)  # the hard floor: one point per centroid (more is better)
+            need = max(params["nlist"], 2 ** params.get("nbits", 8))  # the hard floor: a point per centroid
         if train is None or len(train) < need:
             have = 0 if train is None else len(train)
             raise ValueError(
                 f"a {kind} index with nlist={params['nlist']} needs at least {need} vectors to train, got {have}; "
                 "use --index flat for small collections or lower --nlist"
+            )
+        if kind in PQ_KINDS and dim % _subquantizers(params):
+            raise ValueError(
+                f"a PQ code of {params['m']} bytes splits each vector into {_subquantizers(params)} parts, which "
+                f"{dim} dimensions do not divide evenly; choose --pq-m from {', '.join(map(str, _pq_sizes(dim)))}"
             )
         if kind == "ivf":
             quantizer = faiss.IndexFlatIP(dim)
@@ -252,15 +278,17 @@ def _make_faiss(kind: str, dim: int, params: dict[str, int], train: np.ndarray |
             chain: Any = faiss.downcast_index(inner)  # IndexPreTransform: the OPQ rotation, then the IVF-PQ
             opq: Any = faiss.downcast_VectorTransform(chain.chain.at(0))
             opq.niter = 20  # FAISS's 50 iterations cost minutes on 1,280-d vectors; the rotation settles by 20
-        if kind in PQ_KINDS:
+        if kind in PQ_KINDS and not _fast_scan(kind, params):
             # The index factory asks for polysemous training (reordering codes for Hamming pre-filtering, which this
             # search never uses): 10 times the training time (PQ16 on 10,240 x 64: 33 s, 3.2 s without).
             ivfpq: Any = faiss.downcast_index(faiss.extract_index_ivf(inner))
             ivfpq.do_polysemous_training = False
         inner.train(train)
         # IVF stores ids itself, and removes without renumbering the rest (which an id map around it would assume);
-        # the hash-table direct map lets reconstruct() and remove_ids() find an id's list.
-        faiss.extract_index_ivf(inner).set_direct_map_type(faiss.DirectMap.Hashtable)  # type: ignore[attr-defined]
+        # the hash-table direct map lets reconstruct() and remove_ids() find an id's list. Fast-scan lists cannot
+        # remove through it (FAISS 1.15) and cannot decode codes at all; remove_ids() scans their lists instead.
+        if not _fast_scan(kind, params):
+            faiss.extract_index_ivf(inner).set_direct_map_type(faiss.DirectMap.Hashtable)  # type: ignore[attr-defined]
         _apply_params(inner, kind, params)
         return inner
     elif kind == "hnsw":
@@ -377,7 +405,8 @@ class ImageIndex:
         self.items: dict[int, Item] = {}
         self.next_id = 0
         self.index: faiss.Index | None = None  # created by train(), or by the first add (IVF trains on it)
-        self.store: VectorStore | None = None  # exact vectors on disk, for re-ranking (params["rerank"] > 0)
+        self.store: VectorStore | None = None  # exact vectors on disk: for re-ranking (params["rerank"] > 0), and
+        # always for 4-bit PQ, whose codes FAISS cannot decode (evaluate() and remove() of HNSW need vectors)
         self.read_only = False  # loaded memory-mapped: search only
 
     def __len__(self) -> int:
@@ -400,7 +429,7 @@ class ImageIndex:
             raise ValueError(f"vectors have {x.shape[1]} dimensions, the index {self.dim}")
         self.params = {**default_params(self.kind, count or len(x), self.dim), **self.params}
         self.index = _make_faiss(self.kind, self.dim, self.params, x)
-        if self.params.get("rerank", 0) > 0 and self.store is None:
+        if (self.params.get("rerank", 0) > 0 or _fast_scan(self.kind, self.params)) and self.store is None:
             self.store = VectorStore(self.dim)
 
     def add(self, vectors: np.ndarray, items: Sequence[tuple[str, str, str]] | None = None) -> np.ndarray:
@@ -541,7 +570,8 @@ class ImageIndex:
         Args:
             folder: the index folder.
             mmap: memory-map what FAISS can (IVF lists, flat and SQ8 codes) instead of reading it into memory, for
-                indexes larger than RAM; the index is then read-only (search and evaluate, no add or remove).
+                indexes larger than RAM; the index is then read-only (search and evaluate, no add or remove). FAISS
+                1.15 reads the 4-bit PQ lists into memory all the same (m bytes per vector, 136 MB at 1M).
 
         Raises:
             IndexFileError: a missing, unreadable, corrupt or mismatched file, or one from a newer headstart, named
