@@ -139,7 +139,7 @@ def _subquantizers(params: dict[str, int]) -> int:
 def _fast_scan(kind: str, params: dict[str, int]) -> bool:
     """A PQ kind with 4-bit codes (FAISS's fast-scan lists: no reconstruction from codes, so the exact vectors are
     always kept on disk)."""
-    return kind in PQ_KINDS and params.get("nbits", 8) == 4
+    return kind in PQ_KINDS and params.get("nbits", 8) == PQ_BITS
 
 
 def training_size(kind: str, params: dict[str, int]) -> int:
@@ -246,7 +246,7 @@ def _factory(kind: str, dim: int, params: dict[str, int]) -> str:
     if kind in ("sq8", "ivfsq8"):
         return {"sq8": "SQ8", "ivfsq8": f"{ivf},SQ8"}[kind]
     subs = _subquantizers(params)
-    pq = f"PQ{subs}x4fs" if _fast_scan(kind, params) else f"PQ{subs}"
+    pq = f"PQ{subs}x{PQ_BITS}fs" if _fast_scan(kind, params) else f"PQ{subs}"
     return f"{ivf},{pq}" if kind == "ivfpq" else f"OPQ{subs},{ivf},{pq}"
 
 
@@ -406,7 +406,7 @@ class ImageIndex:
         self.next_id = 0
         self.index: faiss.Index | None = None  # created by train(), or by the first add (IVF trains on it)
         self.store: VectorStore | None = None  # exact vectors on disk: for re-ranking (params["rerank"] > 0), and
-        # always for 4-bit PQ, whose codes FAISS cannot decode (evaluate() and remove() of HNSW need vectors)
+        # always for 4-bit PQ, whose codes FAISS cannot decode (evaluate() reads the vectors of its queries)
         self.read_only = False  # loaded memory-mapped: search only
 
     def __len__(self) -> int:
