@@ -131,3 +131,32 @@ def test_a_failing_rank_stops_the_job_naming_rank_and_cause(plant: str, ants_bee
     if plant == "exception":  # and headstart's own line, before the traceback, says why
         assert "headstart train (rank 1 of 2): failed: RuntimeError: planted failure in the feature pass" in out
     assert not (tmp_path / "run" / "model.safetensors").exists()  # nothing half-written passes for a model
+
+
+EXIT_SCRIPT = """
+import atexit, os, sys
+from headstart.hardware import exit_process
+
+class Finalised:
+    def __del__(self, write=os.write):
+        write(2, b"finalised")
+
+KEEP = Finalised()  # a module global: only the interpreter's finalisation deletes it
+atexit.register(lambda: open(sys.argv[1], "w").write("exit handlers ran"))
+sys.stdout.write("buffered, not yet flushed")
+exit_process(3)
+"""
+
+
+@pytest.mark.parametrize("world", ["1", "2"])
+def test_exit_process_skips_finalisation_only_under_a_launch(world: str, tmp_path: Path) -> None:
+    # A rank of a launch must not reach finalisation, where gloo's threads (kept alive by DDP) abort the process;
+    # the exit handlers, the buffered output and the exit status must survive that shortcut.
+    marker = tmp_path / "handlers.txt"
+    env = {**ENV, "WORLD_SIZE": world, "RANK": "0"}
+    proc = subprocess.run([sys.executable, "-c", EXIT_SCRIPT, str(marker)], capture_output=True, text=True,
+                          env=env, timeout=120)  # fmt: skip
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert marker.read_text() == "exit handlers ran"
+    assert proc.stdout == "buffered, not yet flushed"
+    assert ("finalised" in proc.stderr) is (world == "1"), proc.stderr[-2000:]
