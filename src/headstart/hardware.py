@@ -78,6 +78,11 @@ def launch_rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+def launch_world_size() -> int:
+    """The number of processes of a torchrun or ``accelerate launch`` launch (1 otherwise), without joining a group."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 @contextlib.contextmanager
 def single_process() -> Iterator[None]:
     """Inside the block :func:`distributed` answers (1, 0): for work that one rank does alone after the shared part.
@@ -100,7 +105,7 @@ def distributed() -> tuple[int, int]:
     CPU, NCCL on GPUs) and destroyed at exit, as a clean shutdown requires. Otherwise, and inside
     :func:`single_process`, (1, 0).
     """
-    if _SOLO or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if _SOLO or launch_world_size() <= 1:
         return 1, 0
     import torch.distributed as dist
 
@@ -130,8 +135,9 @@ def leave_group_at_exit() -> None:
     import torch.distributed as dist
 
     def leave() -> None:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        if not dist.is_initialized():
+            return
+        dist.destroy_process_group()
         # DDP keeps the gloo group (and its worker threads) alive past destroy_process_group. A worker that has just
         # finished a collective may still hold its tensors, and dropping them takes the GIL: once the interpreter is
         # finalising, that thread is ended mid-destructor and the process aborts ("terminate called without an
@@ -155,7 +161,7 @@ def exit_process(code: int) -> NoReturn:
     and a thread that asks for it during finalisation aborts the whole rank. Every file headstart writes is closed
     before this point (atomic writes), so nothing is lost by skipping it.
     """
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if launch_world_size() <= 1:
         sys.exit(code)
     import atexit
 

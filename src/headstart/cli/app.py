@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from headstart.cli import assistant, audit, core, hub, report, retrieval, serve
-from headstart.hardware import exit_process, launch_rank
+from headstart.hardware import exit_process, launch_rank, launch_world_size
 
 # Command groups in help order; each adds its sub-parsers and names its handlers, and imports nothing from here.
 GROUPS = (core, report, retrieval, audit, assistant, serve, hub)
@@ -104,7 +103,7 @@ def describe(error: BaseException) -> str:
 
 def _rank_label() -> str:
     """`` (rank R of N)`` under a multi-process launch, where every rank prints to the same terminal; else empty."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = launch_world_size()
     return f" (rank {launch_rank()} of {world})" if world > 1 else ""
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
 import random
 import time
 from collections.abc import Callable
@@ -29,7 +28,7 @@ from headstart import progress
 from headstart.checksums import read_verified, write_files
 from headstart.errors import IntegrityError, StorageError
 from headstart.files import atomic_write_bytes
-from headstart.hardware import autocast, leave_group_at_exit, tune_allocator
+from headstart.hardware import autocast, launch_world_size, leave_group_at_exit, tune_allocator
 from headstart.training.strategies import warmup_cosine
 
 CHECKPOINT = "checkpoints/last.pt"  # relative to the run folder, whose checksums.json lists it
@@ -358,7 +357,7 @@ def make_accelerator(log_with: str | None = None) -> Accelerator:
     """
     from accelerate.utils import DataLoaderConfiguration
 
-    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    several = launch_world_size() > 1
     accelerator = Accelerator(
         cpu=several and not torch.cuda.is_available(),
         dataloader_config=DataLoaderConfiguration(split_batches=True),
