@@ -87,7 +87,7 @@ def report_so_far(args: argparse.Namespace) -> None:
         "complete": False,
         "note": "the run was still going when this was written; re-run without --report-only (or the same "
                 "`headstart embed` command) to finish: complete shards are kept",
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores (shared with other jobs)",
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
         "loadavg_now": Path("/proc/loadavg").read_text().split()[:3],
         "backbone": args.backbone, "images": args.count, "shard_size": args.shard_size,
         "embed": {"images_done": done, "trace_start_to_first_shard_s": round(first - samples[0][0], 1),
@@ -145,7 +145,7 @@ def main() -> None:
     found = json.loads(answer.read_text())
     load["after_all"] = Path("/proc/loadavg").read_text().split()[:3]
     result = {
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores (shared with other jobs)",
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
         "loadavg": load,
         "env": env_note,
         "backbone": args.backbone,
